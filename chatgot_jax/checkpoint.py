@@ -1,0 +1,128 @@
+"""Orbax checkpoints of a run: RUN_DIR/checkpoints/<optimizer step>/{params,opt_state,train,meta}.
+
+Each checkpoint holds params, optimizer state, the step and RNG state ("train"),
+and a JSON "meta" item with the config, the tokenizer and the validation loss,
+so one checkpoint is enough to resume or to sample. Orbax writes each step to
+a temporary directory and renames it when complete, so a killed save never
+leaves a checkpoint that looks finished. The manager keeps the last `keep`
+checkpoints plus the best one by validation loss.
+"""
+
+import json
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from chatgot_jax import config as config_lib
+from chatgot_jax.data import CharTokenizer
+from chatgot_jax.errors import UserError
+from chatgot_jax.model import param_shapes
+
+CKPT_SUBDIR = "checkpoints"
+STATE_ITEMS = ("params", "opt_state", "train")
+
+
+def make_manager(run_dir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    policies = ocp.checkpoint_managers
+    preservation = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False)
+    directory = pathlib.Path(run_dir).resolve() / CKPT_SUBDIR
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
+         tokenizer: CharTokenizer, opt_step: int, val_loss: float | None = None) -> None:
+    """Saves the full train state under the optimizer step number."""
+    meta = {"config": config_lib.to_dict(cfg), "tokenizer": json.loads(tokenizer.to_json()),
+            "opt_step": opt_step, "val_loss": val_loss}
+    train = {"step": state["step"], "rng": state["rng"]}
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        train=ocp.args.StandardSave(train),
+        meta=ocp.args.JsonSave(meta))
+    metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+    manager.save(opt_step, args=args, metrics=metrics, force=True)
+    manager.wait_until_finished()
+
+
+def existing_steps(run_dir) -> list[int]:
+    """Steps of the complete checkpoints in run_dir, without creating anything."""
+    directory = pathlib.Path(run_dir) / CKPT_SUBDIR
+    if not directory.is_dir():
+        return []
+    return sorted(ocp.utils.checkpoint_steps(directory))
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """Restores params, optimizer state, step and RNG into abstract_state's shardings."""
+    abstract_train = {"step": abstract_state["step"], "rng": abstract_state["rng"]}
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state["params"]),
+        opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+        train=ocp.args.StandardRestore(abstract_train))
+    restored = manager.restore(step, args=args)
+    return {"params": restored["params"], "opt_state": restored["opt_state"],
+            "step": restored["train"]["step"], "rng": restored["train"]["rng"]}
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+    """The kept step with the lowest validation loss, or None if none was evaluated."""
+    scored = [(meta["val_loss"], step) for step in manager.all_steps()
+              if (meta := read_meta(manager, step))["val_loss"] is not None]
+    return min(scored)[1] if scored else None
+
+
+def _resolve(path: str) -> tuple[pathlib.Path, int | None]:
+    """A run dir, its checkpoints dir, or one step's dir -> (run dir, step or None)."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint path {path} does not exist")
+    if (p / CKPT_SUBDIR).is_dir():
+        return p, None
+    if p.name == CKPT_SUBDIR:
+        return p.parent, None
+    if p.name.isdigit() and p.parent.name == CKPT_SUBDIR:
+        return p.parent.parent, int(p.name)
+    raise UserError(f"{path} holds no checkpoint: give a run directory made by train.py "
+                    f"(with a {CKPT_SUBDIR}/ folder) or one of its step folders")
+
+
+def load_for_inference(path: str, step: int | None = None, best: bool = False):
+    """-> (params, Config, CharTokenizer, step) from a run dir or one step's dir."""
+    run_dir, path_step = _resolve(path)
+    manager = make_manager(run_dir, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise UserError(f"{path} holds no complete checkpoint")
+    if step is None:
+        step = path_step
+    if best:
+        step = best_step(manager)
+        if step is None:
+            raise UserError(f"{path} has no checkpoint with a validation loss: drop --best")
+    if step is None:
+        step = manager.latest_step()
+    if step not in steps:
+        raise UserError(f"{path} has no checkpoint at step {step}: "
+                        f"available steps are {', '.join(map(str, sorted(steps)))}")
+    meta = read_meta(manager, step)
+    cfg = config_lib.from_dict(meta["config"], source=f"checkpoint {run_dir} step {step}")
+    tokenizer = CharTokenizer.from_json(json.dumps(meta["tokenizer"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            param_shapes(cfg.model))
+    params = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    return params, cfg, tokenizer, step

