@@ -10,6 +10,8 @@ checkpoints plus the best one by validation loss.
 
 import json
 import pathlib
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,7 +34,7 @@ def make_manager(run_dir, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False)
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     directory = pathlib.Path(run_dir).resolve() / CKPT_SUBDIR
     return ocp.CheckpointManager(directory, options=options)
 
@@ -75,6 +77,32 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     restored = manager.restore(step, args=args)
     return {"params": restored["params"], "opt_state": restored["opt_state"],
             "step": restored["train"]["step"], "rng": restored["train"]["rng"]}
+
+
+def warn_unreadable(run_dir, step: int, error: Exception) -> None:
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    print(f"warning: checkpoint step {step} in {run_dir} is unreadable "
+          f"({type(error).__name__}: {first}); falling back to an older one", file=sys.stderr)
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, steps, abstract_state):
+    """Restores the newest of `steps` that reads.
+
+    Each unreadable one gets a warning and is moved (not deleted) to
+    RUN_DIR/corrupt-checkpoints/, so that training can save that step again.
+    """
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore_state(manager, step, abstract_state)
+        except Exception as e:  # noqa: BLE001 (truncated or corrupted files)
+            warn_unreadable(manager.directory, step, e)
+            aside = pathlib.Path(manager.directory).parent / "corrupt-checkpoints"
+            aside.mkdir(exist_ok=True)
+            (pathlib.Path(manager.directory) / str(step)).rename(
+                aside / f"{step}-{int(time.time())}")
+            manager.reload()
+    raise UserError(f"no checkpoint in {manager.directory} is readable: "
+                    f"move the directory away to start over")
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:

@@ -47,27 +47,43 @@ class Logger:
 
 
 def inspect_run_dir(run_dir: pathlib.Path, cfg: config_lib.Config, resume: bool):
-    """Checks --out without writing; -> (tokenizer saved there or None, latest step or None)."""
+    """Checks --out without writing; -> (saved tokenizer or None, checkpoint steps, newest first).
+
+    The saved config and tokenizer come from the newest checkpoint whose metadata
+    reads; a run of another model shape is refused before anything is written.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} exists and is not a directory")
     existing = next(p for p in (run_dir, *run_dir.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot create --out {run_dir}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out {run_dir} is not writable ({existing} is read-only): "
                         f"choose another directory")
-    steps = ckpt.existing_steps(run_dir)
+    steps = sorted(ckpt.existing_steps(run_dir), reverse=True)
     if not steps:
         if resume:
             raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from")
-        return None, None
-    saved = config_lib.from_dict(json.loads((run_dir / "config.json").read_text()),
-                                 source=str(run_dir / "config.json"))
+        return None, []
+    manager = ckpt.make_manager(run_dir, read_only=True)
+    meta = None
+    for step in steps:
+        try:
+            meta = ckpt.read_meta(manager, step)
+            break
+        except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try an older one)
+            ckpt.warn_unreadable(run_dir, step, e)
+    if meta is None:
+        raise UserError(f"no checkpoint in {run_dir} is readable: move it away to start over")
+    saved = config_lib.from_dict(meta["config"], source=f"checkpoint in {run_dir}")
     diff = [f"{k} {getattr(saved.model, k)} (asked {getattr(cfg.model, k)})"
             for k in config_lib.SHAPE_FIELDS
             if k != "vocab_size" and getattr(saved.model, k) != getattr(cfg.model, k)]
     if diff:
         raise UserError(f"{run_dir} holds a run of another model shape ({', '.join(diff)}): "
                         f"use another --out, or the same model settings to resume")
-    return data_lib.CharTokenizer.load(run_dir / "tokenizer.json"), max(steps)
+    tokenizer = data_lib.CharTokenizer.from_json(json.dumps(meta["tokenizer"]))
+    return tokenizer, steps
 
 
 def sample_prompt(val_text: str) -> str:
@@ -94,7 +110,7 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
     t_start = time.time()
     run_dir = pathlib.Path(run_dir)
     is_main = jax.process_index() == 0
-    saved_tokenizer, latest = inspect_run_dir(run_dir, cfg, resume)
+    saved_tokenizer, steps = inspect_run_dir(run_dir, cfg, resume)
 
     text = data_lib.load_corpus(data_path)
     tokenizer = saved_tokenizer or data_lib.CharTokenizer.from_text(text)
@@ -119,10 +135,10 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
 
     manager = ckpt.make_manager(run_dir, keep=tcfg.keep)
     state, shardings = train_lib.create_sharded_state(cfg, mesh)
-    if latest is not None:
+    if steps:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = ckpt.restore_state(manager, latest, abstract)
+        state = ckpt.restore_newest_readable(manager, steps, abstract)
     train_step = train_lib.make_train_step(cfg, mesh, shardings)
     eval_step = train_lib.make_eval_step(cfg, mesh, shardings)
     log = Logger(run_dir, is_main)
@@ -134,7 +150,7 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
               f"{len(train_tokens):,} train / {len(val_tokens):,} val chars | "
               f"{mesh.devices.size} device(s) {jax.devices()[0].platform} | batch "
               f"{tcfg.batch_size} x {tcfg.grad_accum} accum x {seq_len} | run dir {run_dir}"
-              + (f" | resuming at step {opt_step}" if latest is not None else ""))
+              + (f" | resuming at step {opt_step}" if steps else ""))
 
     rows = train_lib.process_rows(tcfg.batch_size)
 
