@@ -1,0 +1,111 @@
+"""Sample text from a trained ChatGoT checkpoint (streams one sample as it is produced)."""
+
+import argparse
+import os
+import sys
+
+from chatgot_jax.errors import ArgumentParser, UserError, cli_main
+
+DESCRIPTION = """\
+Generate text from a checkpoint made by train.py. The model config and the
+tokenizer come from the checkpoint. The prompt must be non-empty (the model has
+no start token) and use only characters of the model's vocabulary.
+
+Context: the model sees at most max_seq_length characters. A longer prompt keeps
+its last max_seq_length - 1 characters; once prompt + output fill the context,
+the window slides: the last max_seq_length - 1 characters are re-read and
+generation goes on (each further character then costs one full re-read).
+"""
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run directory (latest checkpoint) or one step's checkpoint directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, metavar="N", help="load this step's checkpoint")
+    which.add_argument("--best", action="store_true",
+                       help="load the checkpoint with the lowest validation loss")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="the text to continue (non-empty)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", default=500,
+                   help="characters to generate per sample (default 500)")
+    p.add_argument("--temperature", type=float, metavar="T", default=0.8,
+                   help="softmax temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, metavar="K", default=0,
+                   help="sample only from the K most likely characters; 0 = off (default 0)")
+    p.add_argument("--top-p", type=float, metavar="P", default=1.0,
+                   help="nucleus sampling: the smallest set of characters whose probability "
+                        "reaches P, in (0, 1]; 1 = off (default 1.0)")
+    p.add_argument("--num-samples", type=int, metavar="B", default=1,
+                   help="independent samples, generated as one batch (default 1)")
+    p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return p.parse_args(argv)
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"prompt file {args.prompt_file} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"prompt file {args.prompt_file} is a directory; give a text file") \
+            from None
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {args.prompt_file} is not valid UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    if args.debug:
+        os.environ["CHATGOT_DEBUG"] = "1"
+    prompt = read_prompt(args)
+    import absl.logging
+
+    from chatgot_jax import sampling
+    from chatgot_jax.checkpoint import load_for_inference
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's read-only chatter
+
+    if not prompt:  # fail before loading the checkpoint
+        sampling.check_prompt(None, prompt)
+    sampling.check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
+                                 args.top_p, args.num_samples)
+    params, cfg, tokenizer, step = load_for_inference(args.checkpoint, step=args.step,
+                                                      best=args.best)
+    sampling.check_prompt(tokenizer, prompt)  # before the prompt is echoed
+    print(f"loaded step {step} from {args.checkpoint}", file=sys.stderr)
+    n = args.num_samples
+    out = sys.stdout
+
+    def stream(i, piece):  # sample 1 streams live; the others print when done
+        if i == 0:
+            out.write(piece)
+            out.flush()
+
+    if n > 1:
+        out.write(f"--- sample 1/{n} ---\n")
+    out.write(prompt)
+    out.flush()
+    texts = sampling.generate(params, cfg.model, tokenizer, prompt,
+                              max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, num_samples=n, seed=args.seed,
+                              on_text=stream)
+    out.write("\n")
+    for i, text in enumerate(texts[1:], start=2):
+        out.write(f"--- sample {i}/{n} ---\n{prompt}{text}\n")
+    out.flush()
+
+
+if __name__ == "__main__":
+    main()
