@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from chatgot_jax import config as config_lib
 from chatgot_jax.data import CharTokenizer
-from chatgot_jax.errors import UserError
+from chatgot_jax.errors import RunError, UserError
 from chatgot_jax.model import param_shapes
 
 CKPT_SUBDIR = "checkpoints"
@@ -51,8 +51,12 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
         train=ocp.args.StandardSave(train),
         meta=ocp.args.JsonSave(meta))
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-    manager.save(opt_step, args=args, metrics=metrics, force=True)
-    manager.wait_until_finished()
+    try:
+        manager.save(opt_step, args=args, metrics=metrics, force=True)
+        manager.wait_until_finished()
+    except OSError as e:  # disk full, I/O error: the half-written step stays a tmp dir
+        raise RunError(f"could not write checkpoint step {opt_step} in {manager.directory}: "
+                       f"{e.strerror or e}; earlier checkpoints are intact") from None
 
 
 def existing_steps(run_dir) -> list[int]:

@@ -10,8 +10,13 @@ class UserError(Exception):
     """Bad input the user can fix. The message is one line that says what to do."""
 
 
+class RunError(Exception):
+    """A run that cannot go on (diverged, disk full): one line, exit status 1."""
+
+
 def cli_main(fn):
-    """Wraps a CLI entry point: a UserError becomes one stderr line and exit 2.
+    """Wraps a CLI entry point: a UserError becomes one stderr line and exit 2,
+    a RunError one stderr line and exit 1.
 
     Real bugs keep their traceback. CHATGOT_DEBUG=1 (or --debug, which the CLIs
     turn into that variable) re-raises UserErrors too.
@@ -21,12 +26,12 @@ def cli_main(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
+        except (UserError, RunError) as e:
             if os.environ.get("CHATGOT_DEBUG"):
                 raise
             msg = " ".join(str(e).split())
             print(f"error: {msg}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(2 if isinstance(e, UserError) else 1)
 
     return wrapper
 

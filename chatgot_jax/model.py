@@ -60,23 +60,32 @@ def layer_norm(cfg: ModelConfig, name: str):
                         param_dtype=jnp.float32, force_float32_reductions=True, name=name)
 
 
-def attend(cfg: ModelConfig, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, drop_rng):
-    """Softmax attention in float32; dropout on the weights when drop_rng is given."""
+def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_BxTxS, drop_rng, kv_layout="bshk"):
+    """Softmax attention in float32; dropout on the weights when drop_rng is given.
+
+    k and v are (B, S, H, K) ("bshk", training) or (B, H, S, K) ("bhsk", the KV
+    cache's layout, which makes one-token decoding read contiguous rows).
+    """
     if cfg.attention == "dot_product":
-        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK,
-                                            mask=mask_BxTxS[:, None])
+        if kv_layout == "bhsk":
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return jax.nn.dot_product_attention(q_BxTxHxK, k, v, mask=mask_BxTxS[:, None])
     scale = 1.0 / jnp.sqrt(jnp.float32(q_BxTxHxK.shape[-1]))
-    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+    scores_BxHxTxS = jnp.einsum(f"bthk,{kv_layout}->bhts", q_BxTxHxK, k,
                                 preferred_element_type=jnp.float32) * scale
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, -1e30)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     if drop_rng is not None:
         probs_BxHxTxS = dropout(probs_BxHxTxS, cfg.dropout, drop_rng)
-    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+    return jnp.einsum(f"bhts,{kv_layout}->bthk", probs_BxHxTxS.astype(v.dtype), v)
 
 
 class Block(nn.Module):
-    """One pre-LN decoder layer; called by nn.scan as (x, cache, index) -> (x, cache)."""
+    """One pre-LN decoder layer; nn.scan calls it as ((x, cache), layer, index) -> ((x, cache), None).
+
+    The whole (L, B, H, S, K) cache rides in the scan's carry and each layer
+    updates its own slice in place, so decoding never copies the cache.
+    """
 
     cfg: ModelConfig
     deterministic: bool
@@ -92,7 +101,8 @@ class Block(nn.Module):
         return self.make_rng("dropout")
 
     @nn.compact
-    def __call__(self, x_BxTxD, cache, index):
+    def __call__(self, carry, layer, index):
+        x_BxTxD, cache = carry
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, K = cfg.n_head, cfg.head_dim
@@ -103,19 +113,19 @@ class Block(nn.Module):
         qkv_BxTx3D = checkpoint_name(dense(3 * D, cfg, "qkv")(h), "qkv")
         q, k, v = jnp.split(qkv_BxTx3D.reshape(B, T, 3 * H, K), 3, axis=2)  # (B, T, H, K)
         q_pos_T = index + jnp.arange(T)
-        if cache is None:
-            k_pos_S = jnp.arange(T)
-        else:  # write this chunk at [index, index + T) of a (B, S, H, K) cache
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
-                                             (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
-                                             (0, index, 0, 0))
-            cache = {"k": k, "v": v}
-            k_pos_S = jnp.arange(k.shape[1])
+        kv_layout = "bshk"
+        if cache is not None:  # write this chunk at [layer, :, :, index:index + T]
+            def write(c_LxBxHxSxK, new_BxTxHxK):
+                new = new_BxTxHxK.transpose(0, 2, 1, 3)[None].astype(c_LxBxHxSxK.dtype)
+                return jax.lax.dynamic_update_slice(c_LxBxHxSxK, new, (layer, 0, 0, index, 0))
+            cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+            k, v = cache["k"][layer], cache["v"][layer]  # (B, H, S, K)
+            kv_layout = "bhsk"
+        k_pos_S = jnp.arange(k.shape[2] if kv_layout == "bhsk" else T)
         mask_TxS = k_pos_S[None, :] <= q_pos_T[:, None]
         mask_BxTxS = jnp.broadcast_to(mask_TxS, (B, T, k_pos_S.shape[0]))
         ctx = attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS,
-                     self.drop_rng())
+                     self.drop_rng(), kv_layout)
         out = dense(D, cfg, "attn_out", resid_std)(ctx.reshape(B, T, D))
         x_BxTxD = x_BxTxD + self.drop(checkpoint_name(out, "attn_out"))
 
@@ -129,7 +139,7 @@ class Block(nn.Module):
         h_BxTxF = self.drop(nn.gelu(h_BxTxF, approximate=cfg.gelu_approximate))
         out = dense(D, cfg, "proj", resid_std)(h_BxTxF)
         x_BxTxD = x_BxTxD + self.drop(out)
-        return x_BxTxD.astype(cfg.compute_dtype), cache
+        return (x_BxTxD.astype(cfg.compute_dtype), cache), None
 
 
 class MemoryAttention(nn.Module):
@@ -188,10 +198,17 @@ class Decoder(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICY[cfg.remat], prevent_cse=False)
+        # The layer loop is unrolled when decoding (a while loop's per-layer overhead
+        # dominates a one-token step) and when training without remat (measured
+        # ~15% faster on CPU). With remat it stays a loop: unrolled, XLA keeps
+        # every layer's activations alive and remat saves no memory.
+        unroll = cfg.n_layers if cache is not None or cfg.remat == "none" else 1
         stack = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast), length=cfg.n_layers)
-        x_BxTxD, cache = stack(cfg, deterministic, name="blocks")(x_BxTxD, cache, index)
+                        in_axes=(0, nn.broadcast), length=cfg.n_layers, unroll=unroll)
+        layers = jnp.arange(cfg.n_layers)
+        (x_BxTxD, cache), _ = stack(cfg, deterministic, name="blocks")(
+            (x_BxTxD, cache), layers, index)
 
         x_BxTxD = layer_norm(cfg, "ln_f")(x_BxTxD).astype(jnp.float32)
         head = nn.Dense(cfg.vocab_size, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -201,8 +218,8 @@ class Decoder(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch_size: int) -> dict:
-    """An empty KV cache: k and v of shape (L, B, max_seq_length, H, K)."""
-    shape = (cfg.n_layers, batch_size, cfg.max_seq_length, cfg.n_head, cfg.head_dim)
+    """An empty KV cache: k and v of shape (L, B, H, max_seq_length, K)."""
+    shape = (cfg.n_layers, batch_size, cfg.n_head, cfg.max_seq_length, cfg.head_dim)
     return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
 
 

@@ -82,7 +82,7 @@ def _compiled(model_cfg: ModelConfig, chunk: int):
         logits_RxPxV, cache = model.apply({"params": params}, tokens_RxP, cache=cache, index=0)
         logits_RxV = jax.lax.dynamic_index_in_dim(logits_RxPxV, length - 1, axis=1,
                                                   keepdims=False)
-        if R != B:  # cache k/v (L, R, S, H, K) -> (L, B, S, H, K)
+        if R != B:  # cache k/v (L, R, H, S, K) -> (L, B, H, S, K)
             cache = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1), cache)
         logits_BxV = jnp.broadcast_to(logits_RxV, (B, logits_RxV.shape[-1]))
         tok_B = sample_logits(logits_BxV, keys_B, gen_index, temperature, top_k, top_p)

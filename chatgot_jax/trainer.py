@@ -22,10 +22,10 @@ from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
 from chatgot_jax import train_lib
-from chatgot_jax.errors import UserError
+from chatgot_jax.errors import RunError, UserError
 
 
-class Diverged(Exception):
+class Diverged(RunError):
     """The loss became NaN or infinite: training stops before saving that state."""
 
 
@@ -254,9 +254,16 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
 
 
 def _sample_text(params, cfg, tokenizer, prompt, tcfg) -> str:
+    """A short sample for the log; with several processes, process 0 samples alone."""
     if tcfg.sample_tokens == 0:
         return ""
     from chatgot_jax import sampling  # noqa: PLC0415 (keeps the sampler's compile lazy)
+    if jax.process_count() > 1:  # every process takes part in the gather
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        params = jax.device_put(multihost_utils.process_allgather(params, tiled=True),
+                                jax.local_devices()[0])
+        if jax.process_index() != 0:
+            return ""
     text = sampling.generate(params, cfg.model, tokenizer, prompt,
                              max_new_tokens=tcfg.sample_tokens, temperature=0.8,
                              seed=tcfg.seed)[0]
