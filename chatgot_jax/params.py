@@ -4,13 +4,12 @@ Prints the design doc's table, computed with jax.eval_shape (nothing allocated).
 The last line is `total: N`.
 """
 
-import argparse
 import math
 
 import jax
 
 from chatgot_jax import config as config_lib
-from chatgot_jax.errors import cli_main
+from chatgot_jax.errors import ArgumentParser, cli_main
 from chatgot_jax.model import param_shapes
 
 GROUPS = ("token embeddings", "position embeddings", "attention", "feed-forward",
@@ -56,11 +55,13 @@ def table(counts: dict[str, int]) -> str:
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="tiny", help="configs/VARIANT.yaml (default tiny)")
     p.add_argument("--memory", action="store_true",
                    help="count the original's zero-memory cross-attention sublayers")
     p.add_argument("--vocab-size", type=int, default=96, help="default 96 (the GoT corpus)")
+    p.add_argument("--fsdp", type=int, nargs="*", metavar="N",
+                   help="also print params + AdamW state bytes per device with N-way FSDP")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.n_layers=6")
     args = p.parse_args(argv)
     overrides = [f"model.vocab_size={args.vocab_size}", *args.overrides]
@@ -71,6 +72,11 @@ def main(argv=None):
     print(f"{args.variant}: d_model {m.d_model}, {m.n_layers} layers, {m.n_head} heads, "
           f"d_hid {m.d_hid}, context {m.max_seq_length}, vocab {m.vocab_size}, "
           f"memory {'on' if m.memory else 'off'}")
+    for n in args.fsdp or ():
+        from chatgot_jax.train_lib import planned_bytes_per_device  # noqa: PLC0415
+        b = planned_bytes_per_device(cfg, n)
+        print(f"fsdp {n}: params {b['params'] / 2**20:,.1f} MiB + optimizer state "
+              f"{b['opt_state'] / 2**20:,.1f} MiB per device")
     print(table(count_params(m)))
 
 

@@ -154,6 +154,21 @@ def process_rows(global_batch: int) -> range:
     return range(start, start + per)
 
 
+def planned_bytes_per_device(cfg: Config, fsdp: int) -> dict:
+    """Bytes of params and optimizer state per device under fsdp-way sharding (no devices needed)."""
+    abstract = abstract_state(cfg)
+    out = {}
+    for part in ("params", "opt_state"):
+        total = 0
+        for leaf in jax.tree.leaves(abstract[part]):
+            spec = _leaf_spec(leaf.shape, fsdp)
+            shard = [n // fsdp if axis == "fsdp" else n
+                     for n, axis in zip(leaf.shape, tuple(spec) + (None,) * leaf.ndim)]
+            total += math.prod(shard) * leaf.dtype.itemsize
+        out[part] = total
+    return out
+
+
 def state_bytes_per_device(state) -> dict:
     """Bytes of params and optimizer state held by each device (from the shardings)."""
     out = {}

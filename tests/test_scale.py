@@ -51,9 +51,11 @@ def test_sharded_runs_match_one_device(one_device, data, fsdp):
     mu = state["opt_state"].inner_opt_state[1][0].mu["blocks"]["qkv"]["kernel"]
     expected = P() if fsdp == 1 else P(None, None, "fsdp")  # largest dim that fsdp divides
     assert qkv.sharding.spec == expected and mu.sharding.spec == expected
-    bytes_per_device = train_lib.state_bytes_per_device(state)["params"]
+    held = train_lib.state_bytes_per_device(state)
     total = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
-    assert bytes_per_device < total / fsdp * 1.2 if fsdp > 1 else bytes_per_device == total
+    assert held["params"] < total / fsdp * 1.2 if fsdp > 1 else held["params"] == total
+    cfg = config_lib.load_config("tiny", overrides=MICRO)
+    assert train_lib.planned_bytes_per_device(cfg, fsdp) == held  # the no-device estimate
 
 
 def test_batch_must_divide_devices():
