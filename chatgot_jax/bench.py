@@ -1,9 +1,15 @@
 """Benchmarks: python -m chatgot_jax.bench --variant tiny [section.field=value ...] [--steps N]
 
-Measures the real jitted train step (dropout, AdamW, MultiSteps, shardings) after
-warm-up: compile time, median and spread of step time, tokens/s, model FLOPs per
-token, achieved TFLOP/s and MFU against the device's peak, and XLA's
-memory_analysis() of the compiled step. Prints a table and can write JSON.
+train (default)  the real jitted train step (dropout, AdamW, MultiSteps,
+                 shardings) after warm-up: compile time, median and spread of
+                 step time, tokens/s, model FLOPs per token, achieved TFLOP/s and
+                 MFU against the device's peak, XLA's memory_analysis().
+--torch          also the PyTorch baseline (bench_torch.py), in the same process,
+                 runs alternated JAX, PyTorch, JAX, ... (--rounds of --steps steps).
+--mode sample    cached decoding (sampling.generate_ids) on random weights.
+--grid SPEC      one fresh subprocess per point of a product of overrides, e.g.
+                 "model.remat=none,full model.compute_dtype=float32,bfloat16";
+                 writes a markdown table and a PNG bar chart.
 
 FLOPs per trained token (stated, MaxText/levanter style, attention not halved):
     6 * N + 12 * n_layers * d_model * T
@@ -12,10 +18,15 @@ sequence length. On CPU the peak is a float32 / bfloat16 matmul measured by
 this command; on GPUs it is the dense tensor-core peak of the table below.
 """
 
-import argparse
+import functools
+import itertools
 import json
 import math
+import os
+import pathlib
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -23,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from chatgot_jax import config as config_lib
-from chatgot_jax import train_lib
-from chatgot_jax.errors import ArgumentParser, cli_main
+from chatgot_jax import plot, train_lib
+from chatgot_jax.errors import ArgumentParser, UserError, cli_main
 from chatgot_jax.params import count_params
 
 # Dense peak FLOP/s per device: (bfloat16, float32). float32 matmuls on these GPUs
@@ -46,6 +57,7 @@ def flops_per_token(m: config_lib.ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * m.n_layers * m.d_model * seq_len
 
 
+@functools.lru_cache(maxsize=4)
 def measured_matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
     """Best-of-reps FLOP/s of an n^3 matmul on the default device."""
     a = jnp.ones((n, n), dtype)
@@ -77,87 +89,230 @@ def memory_figures(compiled) -> dict:
             "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
 
 
-def bench_train(cfg: config_lib.Config, steps: int, warmup: int, compile_only: bool) -> dict:
-    mesh = train_lib.make_mesh(cfg.mesh)
-    train_lib.check_batch(cfg, mesh)
-    state, shardings = train_lib.create_sharded_state(cfg, mesh)
-    step_fn = train_lib.make_train_step(cfg, mesh, shardings)
-    B, T = cfg.train.batch_size, cfg.model.max_seq_length
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
-    rows = train_lib.process_rows(B)
-    x, y = train_lib.put_batch(mesh, tokens[rows.start:rows.stop, :-1],
-                               tokens[rows.start:rows.stop, 1:])
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, x, y).compile()
-    result = {"compile_s": time.perf_counter() - t0, **memory_figures(compiled),
-              "devices": mesh.devices.size, "device": jax.devices()[0].device_kind,
-              "batch": B, "seq_len": T, "params": sum(count_params(cfg.model).values())}
-    per_device = train_lib.state_bytes_per_device(state)
-    result.update({f"{k}_bytes_per_device": v for k, v in per_device.items()})
+class JaxTrainer:
+    """The compiled train step on one fixed random batch; run(n) -> per-step seconds."""
+
+    def __init__(self, cfg: config_lib.Config):
+        self.mesh = train_lib.make_mesh(cfg.mesh)
+        train_lib.check_batch(cfg, self.mesh)
+        self.state, shardings = train_lib.create_sharded_state(cfg, self.mesh)
+        step_fn = train_lib.make_train_step(cfg, self.mesh, shardings)
+        B, T = cfg.train.batch_size, cfg.model.max_seq_length
+        tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T + 1))
+        tokens = tokens.astype(np.int32)
+        rows = train_lib.process_rows(B)
+        self.x, self.y = train_lib.put_batch(self.mesh, tokens[rows.start:rows.stop, :-1],
+                                             tokens[rows.start:rows.stop, 1:])
+        t0 = time.perf_counter()
+        self.compiled = step_fn.lower(self.state, self.x, self.y).compile()
+        self.metrics = None
+        self.info = {"compile_s": time.perf_counter() - t0, **memory_figures(self.compiled),
+                     "devices": self.mesh.devices.size, "device": jax.devices()[0].device_kind,
+                     "batch": B, "seq_len": T, "params": sum(count_params(cfg.model).values())}
+        per_device = train_lib.state_bytes_per_device(self.state)
+        self.info.update({f"{k}_bytes_per_device": v for k, v in per_device.items()})
+
+    def run(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.state, self.metrics = self.compiled(self.state, self.x, self.y)
+            jax.block_until_ready(self.metrics)
+            times.append(time.perf_counter() - t)
+        return times
+
+
+def alternate(runners, rounds: int, steps: int) -> list[list[float]]:
+    """runner.run(steps) for each runner in turn, `rounds` times (A B A B ...)."""
+    times = [[] for _ in runners]
+    for _ in range(rounds):
+        for i, runner in enumerate(runners):
+            times[i] += runner.run(steps)
+    return times
+
+
+def bench_train(cfg: config_lib.Config, steps: int, warmup: int, compile_only: bool,
+                torch: bool = False, rounds: int = 1) -> dict:
+    jx = JaxTrainer(cfg)
+    result = dict(jx.info)
     if compile_only:
         return result
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, x, y)
-        jax.block_until_ready(metrics)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    step_s = float(np.median(times))
+    runners = [jx]
+    if torch:
+        from chatgot_jax import bench_torch  # imports torch
+        runners.append(bench_torch.TorchTrainer(cfg, jax.devices()[0].platform))
+        result.update(runners[1].info)
+    for runner in runners:
+        runner.run(warmup)
+    times = alternate(runners, rounds, steps)
+    B, T = cfg.train.batch_size, cfg.model.max_seq_length
+    step_s = float(np.median(times[0]))
     tok_s = B * T / step_s
     flops = flops_per_token(cfg.model, T)
     peak, peak_source = device_peak(cfg.model.compute_dtype)
     result.update({
-        "step_ms": 1e3 * step_s, "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
-        "step_ms_p90": 1e3 * float(np.percentile(times, 90)), "tokens_per_s": tok_s,
+        "step_ms": 1e3 * step_s, "step_ms_p10": 1e3 * float(np.percentile(times[0], 10)),
+        "step_ms_p90": 1e3 * float(np.percentile(times[0], 90)), "tokens_per_s": tok_s,
         "flops_per_token": flops, "tflops": tok_s * flops / 1e12,
         "peak_tflops": peak / 1e12,  # per device
-        "peak_source": peak_source, "mfu": tok_s * flops / (peak * mesh.devices.size),
-        "loss": float(metrics["loss"])})
+        "peak_source": peak_source, "mfu": tok_s * flops / (peak * jx.mesh.devices.size),
+        "loss": float(jx.metrics["loss"]), "timed_steps": len(times[0])})
+    if torch:
+        torch_s = float(np.median(times[1]))
+        result.update({"torch_step_ms": 1e3 * torch_s, "torch_tokens_per_s": B * T / torch_s,
+                       "torch_loss": runners[1].loss, "jax_torch_ratio": torch_s / step_s})
     return result
 
 
-COLUMNS = [("compile_s", "compile s", "{:.1f}"), ("step_ms", "step ms", "{:.1f}"),
-           ("step_ms_p10", "p10", "{:.1f}"), ("step_ms_p90", "p90", "{:.1f}"),
-           ("tokens_per_s", "tokens/s", "{:,.0f}"), ("flops_per_token", "FLOPs/token", "{:.3g}"),
-           ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU", "{:.1%}"),
-           ("temp_bytes", "temp GiB", "{:.3f}"), ("argument_bytes", "args GiB", "{:.3f}")]
+def bench_sample(cfg: config_lib.Config, new_tokens: int | None, num_samples: int,
+                 rounds: int, prompt_len: int) -> dict:
+    """Decode throughput of generate_ids: one warm-up call, then `rounds` timed calls."""
+    from chatgot_jax.model import init_params
+    from chatgot_jax.sampling import generate_ids
+    S = cfg.model.max_seq_length
+    if not 1 <= prompt_len < S:
+        raise UserError(f"--prompt-len must be in [1, {S - 1}] (the context is {S}), "
+                        f"got {prompt_len}")
+    n = new_tokens or S - prompt_len + 1  # the most that fit without sliding the window
+    params = init_params(cfg.model, jax.random.key(0))
+    prompt = np.random.default_rng(0).integers(1, cfg.model.vocab_size, prompt_len)
+
+    def once():
+        marks = []
+        t0 = time.perf_counter()
+        generate_ids(params, cfg.model, prompt, max_new_tokens=n, num_samples=num_samples,
+                     on_ids=lambda _: marks.append(time.perf_counter()))
+        return marks[0] - t0, time.perf_counter() - marks[0]
+
+    t0 = time.perf_counter()
+    once()
+    warmup_s = time.perf_counter() - t0
+    first_s, rest_s = (float(np.median(v)) for v in zip(*[once() for _ in range(rounds)]))
+    B = num_samples
+    return {"compile_s": warmup_s, "device": jax.devices()[0].device_kind, "devices": 1,
+            "batch": B, "seq_len": S, "prompt_len": prompt_len, "new_tokens": n,
+            "slides": n > S - prompt_len + 1, "params": sum(count_params(cfg.model).values()),
+            "first_token_ms": 1e3 * first_s, "tokens_per_s": B * n / (first_s + rest_s),
+            "decode_ms_per_step": 1e3 * rest_s / max(n - 1, 1),
+            "decode_tokens_per_s": B * (n - 1) / rest_s if n > 1 else float("nan")}
 
 
-def format_row(r: dict) -> str:
-    cells = []
-    for key, title, fmt in COLUMNS:
-        v = r.get(key)
-        if key.endswith("_bytes") and v is not None:
-            v = v / 2 ** 30
-        cells.append(f"{title} " + (fmt.format(v) if v is not None else "-"))
-    return " | ".join(cells)
+def parse_grid(text: str) -> list[list[str]]:
+    """'a.b=1,2 c.d=x,y' -> [[a.b=1, c.d=x], [a.b=1, c.d=y], [a.b=2, c.d=x], ...]."""
+    axes, keys = [], set()
+    for part in text.split():
+        key, sep, values = part.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not section or not field:
+            raise UserError(f"bad --grid part '{part}': write section.field=v1,v2,... "
+                            f"e.g. model.remat=none,full")
+        vals = values.split(",")
+        if not all(vals):
+            raise UserError(f"bad --grid part '{part}': a value is empty")
+        if len(set(vals)) != len(vals):
+            raise UserError(f"bad --grid part '{part}': a value is repeated")
+        if key in keys:
+            raise UserError(f"bad --grid part '{part}': {key} is already an axis")
+        keys.add(key)
+        axes.append([f"{key}={v}" for v in vals])
+    if not axes:
+        raise UserError("--grid is empty: give section.field=v1,v2,... parts")
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def child_argv(args, point: list[str], json_path: str) -> list[str]:
+    argv = [sys.executable, "-m", "chatgot_jax.bench", "--variant", args.variant,
+            "--mode", args.mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--num-samples", str(args.num_samples), "--prompt-len", str(args.prompt_len),
+            "--json", json_path]
+    for flag, value in (("--rounds", args.rounds), ("--new-tokens", args.new_tokens)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--torch"] * args.torch + ["--compile-only"] * args.compile_only
+    return argv + list(args.overrides) + point
+
+
+def run_grid(args, points: list[list[str]]) -> list[dict]:
+    """Each point in a fresh interpreter; a failed point gets {"error": last stderr line}."""
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, point in enumerate(points):
+            path = os.path.join(tmp, f"{i}.json")
+            print(f"[{i + 1}/{len(points)}] {' '.join(point)}", flush=True)
+            proc = subprocess.run(child_argv(args, point, path), env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode == 0 and os.path.exists(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+                print("\n".join("  " + line for line in proc.stdout.rstrip().splitlines()))
+            else:
+                lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+                results.append({"overrides": point, "error": lines[-1]})
+                print(f"  failed: {lines[-1]}")
+    return results
 
 
 @cli_main
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="tiny")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--mode", choices=("train", "sample"), default="train")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+    p.add_argument("--rounds", type=int, help="timed rounds: alternated with --torch "
+                   "(default 4), timed generate calls in sample mode (default 3), else 1")
+    p.add_argument("--torch", action="store_true", help="also time the PyTorch baseline")
     p.add_argument("--compile-only", action="store_true",
                    help="compile and report memory_analysis() without running")
+    p.add_argument("--num-samples", type=int, default=1, help="sample mode: batch rows")
+    p.add_argument("--new-tokens", type=int,
+                   help="sample mode: tokens per row (default: fill the context)")
+    p.add_argument("--prompt-len", type=int, default=1, help="sample mode: prompt tokens")
+    p.add_argument("--grid", help='e.g. "model.remat=none,full train.batch_size=8,32"')
+    p.add_argument("--out-md", default="bench-grid.md", help="grid: markdown table")
+    p.add_argument("--out-png", default="bench-grid.png", help="grid: bar chart")
     p.add_argument("--json", help="write the result to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = p.parse_args(argv)
+    for name in ("steps", "num_samples", "rounds", "new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise UserError("--warmup must be >= 0")
+    if args.mode == "sample" and (args.torch or args.compile_only):
+        raise UserError("--torch and --compile-only are for --mode train")
+    if args.grid:
+        return grid_main(args)
     cfg = config_lib.load_config(args.variant, overrides=args.overrides)
-    result = {"variant": args.variant, "overrides": args.overrides,
-              **bench_train(cfg, args.steps, args.warmup, args.compile_only)}
-    print(f"{args.variant} {' '.join(args.overrides)} on {result['devices']} x "
-          f"{result['device']}, batch {result['batch']} x {result['seq_len']}")
-    print(format_row(result))
-    if "peak_source" in result:
-        print(f"MFU against {result['peak_tflops']:.3f} TFLOP/s ({result['peak_source']})")
+    if args.mode == "sample":
+        out = bench_sample(cfg, args.new_tokens, args.num_samples, args.rounds or 3,
+                           args.prompt_len)
+    else:
+        out = bench_train(cfg, args.steps, args.warmup, args.compile_only, args.torch,
+                          args.rounds or (4 if args.torch else 1))
+    result = {"variant": args.variant, "mode": args.mode, "overrides": args.overrides, **out}
+    print("\n".join(plot.report_lines(result)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def grid_main(args) -> list[dict]:
+    points = parse_grid(args.grid)
+    for point in points:  # refuse a bad key or value before starting any run
+        config_lib.load_config(args.variant, overrides=list(args.overrides) + point)
+    results = run_grid(args, points)
+    ok = [r for r in results if "error" not in r]
+    where = f" on {ok[0]['devices']} x {ok[0]['device']}" if ok else ""
+    title = f"{args.variant} {args.mode} {' '.join(args.overrides)}{where}".replace("  ", " ")
+    pathlib.Path(args.out_md).write_text(plot.grid_markdown(points, results, title))
+    plot.grid_chart(points, results, args.out_png, title)
+    print(f"wrote {args.out_md} and {args.out_png}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""Training curves: python -m chatgot_jax.plot RUN_DIR [RUN_DIR ...] [--out curves.png]
+
+Draws, from each RUN_DIR/metrics.jsonl, the training loss (nats/char) and the
+validation bits/char against optimizer steps, trained tokens and wall time (a
+2 x 3 grid), one line per run labelled by its directory name, into one PNG.
+Also the benchmark's tables and the --grid bar chart (used by bench.py).
+matplotlib is imported only when a figure is drawn (the Agg backend, no display).
+"""
+
+import json
+import math
+import pathlib
+
+from chatgot_jax.errors import ArgumentParser, UserError, cli_main
+
+# Benchmark result columns: (result key, title, format); *_bytes values show in GiB.
+COLUMNS = [("compile_s", "compile s", "{:.1f}"), ("step_ms", "step ms", "{:.1f}"),
+           ("step_ms_p10", "p10", "{:.1f}"), ("step_ms_p90", "p90", "{:.1f}"),
+           ("tokens_per_s", "tokens/s", "{:,.0f}"), ("flops_per_token", "FLOPs/token", "{:.3g}"),
+           ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU", "{:.1%}"),
+           ("temp_bytes", "temp GiB", "{:.3f}"), ("argument_bytes", "args GiB", "{:.3f}")]
+TORCH_COLUMNS = [("torch_step_ms", "torch step ms", "{:.1f}"),
+                 ("torch_tokens_per_s", "torch tokens/s", "{:,.0f}"),
+                 ("jax_torch_ratio", "JAX/PyTorch", "{:.2f}x")]
+SAMPLE_COLUMNS = [("compile_s", "warm-up s", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+                  ("decode_tokens_per_s", "decode tokens/s", "{:,.0f}"),
+                  ("first_token_ms", "first token ms", "{:.1f}"),
+                  ("decode_ms_per_step", "ms/decode step", "{:.2f}")]
+
+
+def columns_for(results: list[dict]) -> list[tuple]:
+    """Sample columns for sample results, else train columns (+ PyTorch ones if present)."""
+    if any(r.get("mode") == "sample" for r in results):
+        return SAMPLE_COLUMNS
+    torch = any("jax_torch_ratio" in r for r in results)
+    return COLUMNS + (TORCH_COLUMNS if torch else [])
+
+
+def cell(r: dict, key: str, fmt: str) -> str:
+    v = r.get(key)
+    if v is None:
+        return "-"
+    return fmt.format(v / 2 ** 30 if key.endswith("_bytes") else v)
+
+
+def format_row(r: dict) -> str:
+    """'title value | title value ...' for one benchmark result."""
+    return " | ".join(f"{title} {cell(r, key, fmt)}" for key, title, fmt in columns_for([r]))
+
+
+def report_lines(r: dict) -> list[str]:
+    """What the benchmark prints for one result: where, the row, then MFU or PyTorch notes."""
+    lines = [f"{r['variant']} {' '.join(r['overrides'])} on {r['devices']} x {r['device']}, "
+             f"batch {r['batch']} x {r['seq_len']}".replace("  ", " ")
+             + (f", {r['new_tokens']} new tokens" if r.get("mode") == "sample" else ""),
+             format_row(r)]
+    if "peak_source" in r:
+        lines.append(f"MFU against {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})")
+    if "jax_torch_ratio" in r:
+        lines.append(f"JAX {r['tokens_per_s']:,.0f} tokens/s vs PyTorch "
+                     f"{r['torch_tokens_per_s']:,.0f} tokens/s ({r['torch_layout']} layout, "
+                     f"{r['torch_threads']} threads): JAX/PyTorch {r['jax_torch_ratio']:.2f}x, "
+                     f"medians of {r['timed_steps']} steps each")
+    return lines
+
+
+def grid_markdown(points: list[list[str]], results: list[dict], title: str) -> str:
+    """A markdown table: one column per grid axis, then the result columns."""
+    keys = [o.partition("=")[0] for o in points[0]]
+    columns = columns_for([r for r in results if "error" not in r] or [{}])
+    lines = [f"# {title}", "", "| " + " | ".join(keys + [c[1] for c in columns]) + " |",
+             "|" + "---|" * (len(keys) + len(columns))]
+    for point, r in zip(points, results):
+        values = [o.partition("=")[2] for o in point]
+        cells = ([f"failed: {r['error']}"] + [""] * (len(columns) - 1) if "error" in r
+                 else [cell(r, key, fmt) for key, _, fmt in columns])
+        lines.append("| " + " | ".join(values + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def new_figure(rows: int, cols: int, size: tuple[float, float]):
+    """(figure, axes array) on the Agg canvas, without pyplot's global state."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def grid_chart(points: list[list[str]], results: list[dict], path, title: str) -> None:
+    """Bar charts of tokens/s (and XLA temp memory when measured) per grid point."""
+    labels = ["\n".join(o.partition("=")[2] for o in point) for point in points]
+    axis_names = " / ".join(o.partition("=")[0].split(".", 1)[-1] for o in points[0])
+    panels = [("tokens_per_s", "tokens/s", 1.0, "{:,.0f}")]
+    if any("temp_bytes" in r for r in results):
+        panels.append(("temp_bytes", "XLA temporaries (GiB)", 2.0 ** -30, "{:.3f}"))
+    fig, axes = new_figure(1, len(panels), (max(4.0, 0.9 * len(points)) * len(panels), 4.0))
+    for ax, (key, name, scale, fmt) in zip(axes[0], panels):
+        heights = [r.get(key, 0.0) * scale for r in results]
+        bars = ax.bar(range(len(points)), heights, color="tab:blue")
+        ax.bar_label(bars, labels=["failed" if "error" in r else fmt.format(h)
+                                   for r, h in zip(results, heights)], fontsize=8)
+        ax.set_xticks(range(len(points)), labels, fontsize=8)
+        ax.set_xlabel(axis_names)
+        ax.set_ylabel(name)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+
+
+def read_metrics(run_dir: pathlib.Path) -> tuple[list[dict], list[dict]]:
+    """(training records with "loss", validation records with "val_bpc") of one run.
+
+    A last line without its newline (a run still writing it) is skipped.
+    """
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: is {run_dir} a training run directory?")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    train, val = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # no newline after it: still being written
+                continue
+            raise UserError(f"{path} line {i} is not JSON") from None
+        if "loss" in record:
+            train.append(record)
+        elif "val_bpc" in record:
+            val.append(record)
+    if not train and not val:
+        raise UserError(f"{path} has no loss or val_bpc lines yet")
+    return train, val
+
+
+def with_tokens(train: list[dict], val: list[dict]) -> list[dict]:
+    """Validation records plus "tokens", from the run's tokens per optimizer step."""
+    per_step = [r["tokens"] / r["step"] for r in train if r.get("step") and "tokens" in r]
+    rate = per_step[-1] if per_step else math.nan
+    return [{**r, "tokens": r["step"] * rate} for r in val]
+
+
+def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out) -> None:
+    """The 2 x 3 grid: rows loss / val bits per char, columns steps / tokens / minutes."""
+    fig, axes = new_figure(2, 3, (15.0, 8.0))
+    xs = [("step", "optimizer step", 1.0), ("tokens", "tokens", 1.0),
+          ("time", "wall time (min)", 1 / 60)]
+    rows = [("loss", "training loss (nats/char)"), ("val_bpc", "validation bits/char")]
+    for label, (train, val) in runs.items():
+        for row, (ykey, ylabel) in enumerate(rows):
+            records = train if row == 0 else with_tokens(train, val)
+            for col, (xkey, xlabel, scale) in enumerate(xs):
+                pts = [(r[xkey] * scale, r[ykey]) for r in records
+                       if xkey in r and math.isfinite(r[xkey]) and math.isfinite(r[ykey])]
+                ax = axes[row][col]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o" if row else None, markersize=3,
+                            label=label)
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.savefig(out, dpi=100)
+
+
+def run_labels(dirs: list[pathlib.Path]) -> list[str]:
+    """Each run's directory name, or its path as given where two names clash."""
+    names = [d.name for d in dirs]
+    return [d.name if names.count(d.name) == 1 else str(d) for d in dirs]
+
+
+@cli_main
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    args = p.parse_args(argv)
+    dirs = [pathlib.Path(d) for d in args.run_dirs]
+    runs = {label: read_metrics(d) for label, d in zip(run_labels(dirs), dirs)}
+    plot_curves(runs, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
