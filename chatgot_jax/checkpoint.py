@@ -9,7 +9,9 @@ checkpoints plus the best one by validation loss.
 """
 
 import json
+import os
 import pathlib
+import re
 import sys
 import time
 
@@ -54,9 +56,15 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
     try:
         manager.save(opt_step, args=args, metrics=metrics, force=True)
         manager.wait_until_finished()
-    except OSError as e:  # disk full, I/O error: the half-written step stays a tmp dir
+    except (OSError, ValueError) as e:  # disk full, I/O error: the step stays a tmp dir
+        # TensorStore, which writes the arrays, reports a failed write as a ValueError
+        # ending in "[os_error_code='28']"; plain Python writes raise OSError.
+        os_error = re.search(r"\[os_error_code='?(\d+)'?\]", str(e))
+        if not isinstance(e, OSError) and not os_error:
+            raise
+        reason = os.strerror(int(os_error[1])) if os_error else (e.strerror or e)
         raise RunError(f"could not write checkpoint step {opt_step} in {manager.directory}: "
-                       f"{e.strerror or e}; earlier checkpoints are intact") from None
+                       f"{reason}; earlier checkpoints are intact") from None
 
 
 def existing_steps(run_dir) -> list[int]:
@@ -97,6 +105,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, steps, abstract_stat
     """
     for step in sorted(steps, reverse=True):
         try:
+            read_meta(manager, step)  # without it, sample.py cannot use the checkpoint
             return restore_state(manager, step, abstract_state)
         except Exception as e:  # noqa: BLE001 (truncated or corrupted files)
             warn_unreadable(manager.directory, step, e)

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
 
 import jax
@@ -170,9 +172,14 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
             return
         fetched = jax.device_get(pending)
         losses = [float(m["loss"]) for m in fetched]
-        if not all(map(math.isfinite, losses)):
-            bad = int(fetched[[math.isfinite(x) for x in losses].index(False)]["opt_step"])
-            raise Diverged(f"the loss became {losses[-1]} at step {bad}")
+        for m, loss in zip(fetched, losses):
+            # The loss of step N is computed before update N: a non-finite gradient
+            # with a finite loss has already made the state non-finite.
+            grad_norm = float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = (f"the loss became {loss}" if not math.isfinite(loss)
+                        else f"the gradient norm became {grad_norm}")
+                raise Diverged(f"{what} at step {int(m['opt_step'])}")
         now = time.time()
         timed = len(fetched) - untimed  # the compiling step is not timed
         tok_s = timed * tokens_per_micro / (now - t_log) if timed else float("nan")
@@ -185,10 +192,24 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
                    "time": now - t_start})
         pending, t_log = [], time.time()
 
+    # Ctrl-C stops the loop between optimizer steps: a KeyboardInterrupt raised inside
+    # the train step would lose its output after its input state was donated.
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+
+    previous_sigint = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigint = signal.signal(signal.SIGINT, request_stop)
     bar = tqdm(total=tcfg.max_steps, initial=opt_step, unit="step", disable=not is_main,
                dynamic_ncols=True)
     try:
         while opt_step < tcfg.max_steps:
+            if stop_requested and micro % tcfg.grad_accum == 0:
+                raise KeyboardInterrupt
             state, metrics = train_step(state, *batch(micro))
             micro += 1
             pending.append(metrics)
@@ -223,18 +244,28 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
                 t_log = time.time()
     except KeyboardInterrupt:
         interrupted = True
-        pending = pending if micro % tcfg.grad_accum == 0 else []
+        whole = (micro % tcfg.grad_accum == 0
+                 and not any(x.is_deleted() for x in jax.tree.leaves(state)))
+        pending = pending if whole else []
         flush()  # raises Diverged rather than save a non-finite state
-        if micro % tcfg.grad_accum == 0 and opt_step not in manager.all_steps():
+        if whole and opt_step not in manager.all_steps():
             ckpt.save(manager, state, cfg, tokenizer, opt_step, last_val)
-        log.print(f"interrupted at step {opt_step}: checkpoint saved in {run_dir}; "
-                  f"run the same command to resume")
+        saved = manager.latest_step()
+        if saved == opt_step:
+            log.print(f"interrupted at step {opt_step}: checkpoint saved in {run_dir}; "
+                      f"run the same command to resume")
+        else:
+            log.print(f"interrupted at step {opt_step}: nothing saved since "
+                      f"{'step ' + str(saved) if saved is not None else 'the start'}; "
+                      f"run the same command to resume from there")
     except Diverged as e:
         kept = manager.latest_step()
         raise Diverged(f"{e}; nothing was saved after it, the last good checkpoint is "
                        f"{'step ' + str(kept) if kept is not None else 'none'} in {run_dir}: "
                        f"lower the learning rate (train.lr) and resume") from None
     finally:
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
         bar.close()
         manager.close()
 
