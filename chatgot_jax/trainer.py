@@ -136,11 +136,14 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
         tokenizer.save(run_dir / "tokenizer.json")
 
     manager = ckpt.make_manager(run_dir, keep=tcfg.keep)
-    state, shardings = train_lib.create_sharded_state(cfg, mesh)
-    if steps:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    if steps:  # restore straight into the shardings: no throw-away initialisation
+        abstract = train_lib.abstract_state(cfg)
+        shardings = train_lib.state_shardings(mesh, abstract)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract, shardings)
         state = ckpt.restore_newest_readable(manager, steps, abstract)
+    else:
+        state, shardings = train_lib.create_sharded_state(cfg, mesh)
     train_step = train_lib.make_train_step(cfg, mesh, shardings)
     eval_step = train_lib.make_eval_step(cfg, mesh, shardings)
     log = Logger(run_dir, is_main)
