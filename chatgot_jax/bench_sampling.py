@@ -6,7 +6,9 @@ tokens (1 = prefill only); a cached step costs the same at any position
 (attention reads the whole fixed-size cache, masked). Recompute: a jitted full
 forward on a context of L = S - 100 tokens (the middle of the last 200
 positions of a full context), argmax fetched to the host each step;
-tokens/s = batch / step time. Prints a markdown table.
+tokens/s = batch / step time. The two are measured in alternating rounds
+(cached, recompute, cached, ...) so that machine noise hits both alike, and
+each figure is the median over rounds. Prints a markdown table.
 """
 import dataclasses
 import sys
@@ -33,7 +35,7 @@ def timed(fn):
     return time.perf_counter() - t
 
 
-def bench(variant, batch, n_dec, n_rec):
+def bench(variant, batch, n_dec, n_rec, rounds=5):
     m = load_config(variant).model
     m = dataclasses.replace(m, compute_dtype="float32", remat="none", dropout=0.0)
     params = params_for(m)
@@ -43,17 +45,20 @@ def bench(variant, batch, n_dec, n_rec):
     run = lambda k: sampling.generate_ids(params, m, prompt, max_new_tokens=k, temperature=0.8,
                                           num_samples=batch)
     run(2)  # compiles prefill + decode
-    t_pre = min(timed(lambda: run(1)) for _ in range(2))
-    t_dec = (timed(lambda: run(1 + n_dec)) - t_pre) / n_dec
     L = S - 100
     fwd = jax.jit(lambda p, t: Decoder(m).apply({"params": p}, t)[:, -1].argmax(-1))
     tok = jnp.asarray(np.tile(np.resize(prompt, L), (batch, 1)), jnp.int32)
     np.asarray(fwd(params, tok))  # compile
-    t_rec = timed(lambda: [np.asarray(fwd(params, tok)) for _ in range(n_rec)]) / n_rec
+    pre, dec, rec = [], [], []
+    for _ in range(rounds):
+        pre.append(timed(lambda: run(1)))
+        dec.append((timed(lambda: run(1 + n_dec)) - pre[-1]) / n_dec)
+        rec.append(timed(lambda: [np.asarray(fwd(params, tok)) for _ in range(n_rec)]) / n_rec)
+    t_pre, t_dec, t_rec = (float(np.median(x)) for x in (pre, dec, rec))
     dec_tps, rec_tps = batch / t_dec, batch / t_rec
     tps200 = batch * 200 / (t_pre + 199 * t_dec)
     print(f"| {variant} | {S} | {batch} | {1e3 * t_dec:8.1f} | {dec_tps:8.2f} | {t_pre:6.2f} "
-          f"| {tps200:8.2f} | {1e3 * t_rec:8.1f} (L={L}, {n_rec} steps) | {rec_tps:7.2f} "
+          f"| {tps200:8.2f} | {1e3 * t_rec:8.1f} (L={L}) | {rec_tps:7.2f} "
           f"| {dec_tps / rec_tps:5.1f}x | {tps200 / rec_tps:5.1f}x |", flush=True)
 
 def main():
@@ -61,8 +66,8 @@ def main():
           "| cached tok/s, 200 tok incl. prefill | recompute ms/step | recompute tok/s "
           "| speedup decode | speedup 200 tok |", flush=True)
     which = sys.argv[1:] or ["tiny1", "tiny8", "small1", "small8"]
-    plan = {"tiny1": ("tiny", 1, 199, 30), "tiny8": ("tiny", 8, 199, 20),
-            "small1": ("small", 1, 32, 4), "small8": ("small", 8, 16, 2)}
+    plan = {"tiny1": ("tiny", 1, 199, 10), "tiny8": ("tiny", 8, 199, 5),
+            "small1": ("small", 1, 32, 2), "small8": ("small", 8, 16, 1)}
     for w in which:
         bench(*plan[w])
 

@@ -1,9 +1,12 @@
 """The ChatGoT decoder as Flax Linen modules (pure-functional: params are a pytree).
 
 Shapes: B batch, T query length, S key length (T, or max_seq_length with a
-KV cache), D d_model, H heads, K head dim, F d_hid, V vocab, L layers.
+KV cache), D d_model, H heads, K head dim, F d_hid, V vocab, L layers, N = B*H.
 
     logits_BxTxV = Decoder(cfg).apply({"params": params}, tokens_BxT)
+    # Decoding with a KV cache runs the layers unstacked (see unstack_layers):
+    logits, cache = Decoder(cfg, unstacked=True).apply(
+        {"params": unstack_layers(params)}, tokens_BxT, cache=init_cache(cfg, B), index=0)
 
 The blocks are pre-LN like PyTorch's nn.TransformerDecoderLayer(norm_first=True):
     x = x + Dropout(SelfAttention(LN1(x)))
@@ -60,31 +63,40 @@ def layer_norm(cfg: ModelConfig, name: str):
                         param_dtype=jnp.float32, force_float32_reductions=True, name=name)
 
 
-def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_BxTxS, drop_rng, kv_layout="bshk"):
-    """Softmax attention in float32; dropout on the weights when drop_rng is given.
+def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_TxS, drop_rng, cached=False):
+    """Softmax attention in float32 -> (B, T, H, K); dropout on the weights when drop_rng is given.
 
-    k and v are (B, S, H, K) ("bshk", training) or (B, H, S, K) ("bhsk", the KV
-    cache's layout, which makes one-token decoding read contiguous rows).
+    k and v are (B, S, H, K), or (N, S, K) when they come from the KV cache: the
+    cache's layout, in which decoding one token reads contiguous rows.
     """
+    B, T, H, K = q_BxTxHxK.shape
     if cfg.attention == "dot_product":
-        if kv_layout == "bhsk":
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        return jax.nn.dot_product_attention(q_BxTxHxK, k, v, mask=mask_BxTxS[:, None])
-    scale = 1.0 / jnp.sqrt(jnp.float32(q_BxTxHxK.shape[-1]))
-    scores_BxHxTxS = jnp.einsum(f"bthk,{kv_layout}->bhts", q_BxTxHxK, k,
-                                preferred_element_type=jnp.float32) * scale
-    scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, -1e30)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+        if cached:
+            k, v = (c.reshape(B, H, -1, K).transpose(0, 2, 1, 3) for c in (k, v))
+        return jax.nn.dot_product_attention(q_BxTxHxK, k, v, mask=mask_TxS[None, None])
+    if cached:  # heads folded into the batch axis, like the cache
+        q = q_BxTxHxK.transpose(0, 2, 1, 3).reshape(B * H, T, K)
+        qk, pv, mask = "ntk,nsk->nts", "nts,nsk->ntk", mask_TxS[None]
+    else:
+        q = q_BxTxHxK
+        qk, pv, mask = "bthk,bshk->bhts", "bhts,bshk->bthk", mask_TxS[None, None]
+    scale = 1.0 / jnp.sqrt(jnp.float32(K))
+    scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)  # (B, H, T, S) or (N, T, S)
     if drop_rng is not None:
-        probs_BxHxTxS = dropout(probs_BxHxTxS, cfg.dropout, drop_rng)
-    return jnp.einsum(f"bhts,{kv_layout}->bthk", probs_BxHxTxS.astype(v.dtype), v)
+        probs = dropout(probs, cfg.dropout, drop_rng)
+    ctx = jnp.einsum(pv, probs.astype(v.dtype), v)
+    if cached:
+        ctx = ctx.reshape(B, H, T, K).transpose(0, 2, 1, 3)
+    return ctx  # (B, T, H, K)
 
 
 class Block(nn.Module):
-    """One pre-LN decoder layer; nn.scan calls it as ((x, cache), layer, index) -> ((x, cache), None).
+    """One pre-LN decoder layer: (x_BxTxD, cache, index) -> (x_BxTxD, cache).
 
-    The whole (L, B, H, S, K) cache rides in the scan's carry and each layer
-    updates its own slice in place, so decoding never copies the cache.
+    cache is None (training; nn.scan then sees carry x and outputs None) or this
+    layer's {"k", "v"}, each (N, S, K): the chunk's keys and values are written
+    at [:, index:index + T] in place and attention reads the whole cache, masked.
     """
 
     cfg: ModelConfig
@@ -101,8 +113,7 @@ class Block(nn.Module):
         return self.make_rng("dropout")
 
     @nn.compact
-    def __call__(self, carry, layer, index):
-        x_BxTxD, cache = carry
+    def __call__(self, x_BxTxD, cache, index):
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, K = cfg.n_head, cfg.head_dim
@@ -112,20 +123,17 @@ class Block(nn.Module):
         h = layer_norm(cfg, "ln1")(x_BxTxD)
         qkv_BxTx3D = checkpoint_name(dense(3 * D, cfg, "qkv")(h), "qkv")
         q, k, v = jnp.split(qkv_BxTx3D.reshape(B, T, 3 * H, K), 3, axis=2)  # (B, T, H, K)
-        q_pos_T = index + jnp.arange(T)
-        kv_layout = "bshk"
-        if cache is not None:  # write this chunk at [layer, :, :, index:index + T]
-            def write(c_LxBxHxSxK, new_BxTxHxK):
-                new = new_BxTxHxK.transpose(0, 2, 1, 3)[None].astype(c_LxBxHxSxK.dtype)
-                return jax.lax.dynamic_update_slice(c_LxBxHxSxK, new, (layer, 0, 0, index, 0))
+        if cache is not None:
+            def write(c_NxSxK, new_BxTxHxK):
+                new_NxTxK = new_BxTxHxK.transpose(0, 2, 1, 3).reshape(B * H, T, K)
+                return jax.lax.dynamic_update_slice(c_NxSxK, new_NxTxK.astype(c_NxSxK.dtype),
+                                                    (0, index, 0))
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
-            k, v = cache["k"][layer], cache["v"][layer]  # (B, H, S, K)
-            kv_layout = "bhsk"
-        k_pos_S = jnp.arange(k.shape[2] if kv_layout == "bhsk" else T)
-        mask_TxS = k_pos_S[None, :] <= q_pos_T[:, None]
-        mask_BxTxS = jnp.broadcast_to(mask_TxS, (B, T, k_pos_S.shape[0]))
-        ctx = attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS,
-                     self.drop_rng(), kv_layout)
+            k, v = cache["k"], cache["v"]  # (N, S, K)
+        S = T if cache is None else k.shape[1]
+        mask_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
+        ctx = attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask_TxS, self.drop_rng(),
+                     cached=cache is not None)
         out = dense(D, cfg, "attn_out", resid_std)(ctx.reshape(B, T, D))
         x_BxTxD = x_BxTxD + self.drop(checkpoint_name(out, "attn_out"))
 
@@ -139,7 +147,7 @@ class Block(nn.Module):
         h_BxTxF = self.drop(nn.gelu(h_BxTxF, approximate=cfg.gelu_approximate))
         out = dense(D, cfg, "proj", resid_std)(h_BxTxF)
         x_BxTxD = x_BxTxD + self.drop(out)
-        return (x_BxTxD.astype(cfg.compute_dtype), cache), None
+        return x_BxTxD.astype(cfg.compute_dtype), cache
 
 
 class MemoryAttention(nn.Module):
@@ -162,23 +170,30 @@ class MemoryAttention(nn.Module):
         q = dense(D, cfg, "q")(h).reshape(B, T, H, K)
         kv = dense(2 * D, cfg, "kv")(memory_Bx1xD).reshape(B, 1, 2 * H, K)
         k, v = jnp.split(kv, 2, axis=2)
-        mask_BxTx1 = jnp.ones((B, T, 1), bool)
         drop_rng = None
         if not self.deterministic and cfg.dropout > 0.0:
             drop_rng = self.make_rng("dropout")
-        ctx = attend(cfg, q, k, v, mask_BxTx1, drop_rng)
+        ctx = attend(cfg, q, k, v, jnp.ones((T, 1), bool), drop_rng)
         return dense(D, cfg, "out")(ctx.reshape(B, T, D))
 
 
 class Decoder(nn.Module):
-    """Token + learned position embeddings, L scanned blocks, final LN, untied head."""
+    """Token + learned position embeddings, L scanned blocks, final LN, untied head.
+
+    unstacked=True runs the layers as L separate modules block_0 .. block_{L-1}
+    (params from unstack_layers) instead of one nn.scan over stacked weights: a
+    scan slices (copies) each layer's weights out of the stack on every call,
+    which dominated one-token decoding. It is the layout for KV-cache decoding.
+    """
 
     cfg: ModelConfig
+    unstacked: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxT, *, deterministic: bool = True, cache=None, index=0):
         """Returns float32 logits (B, T, V); with a cache, (logits, new_cache).
 
+        cache: from init_cache, only with unstacked=True.
         index: position of tokens_BxT[:, 0] (the number of tokens already cached).
         """
         cfg = self.cfg
@@ -195,20 +210,29 @@ class Decoder(nn.Module):
             x_BxTxD = dropout(x_BxTxD, cfg.dropout, self.make_rng("dropout"))
         x_BxTxD = x_BxTxD.astype(cfg.compute_dtype)
 
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICY[cfg.remat], prevent_cse=False)
-        # Training without remat unrolls the layer loop (measured ~15% faster on
-        # CPU). With remat it stays a loop: unrolled, XLA keeps every layer's
-        # activations alive and remat saves no memory. Decoding keeps the loop too
-        # (measured faster than unrolled: fewer per-layer weight copies).
-        unroll = cfg.n_layers if cache is None and cfg.remat == "none" else 1
-        stack = nn.scan(block, variable_axes={"params": 0},
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast), length=cfg.n_layers, unroll=unroll)
-        layers = jnp.arange(cfg.n_layers)
-        (x_BxTxD, cache), _ = stack(cfg, deterministic, name="blocks")(
-            (x_BxTxD, cache), layers, index)
+        if self.unstacked:
+            new_cache = []
+            for i in range(cfg.n_layers):
+                x_BxTxD, layer_cache = Block(cfg, deterministic, name=f"block_{i}")(
+                    x_BxTxD, None if cache is None else cache[i], index)
+                new_cache.append(layer_cache)
+            cache = None if cache is None else tuple(new_cache)
+        elif cache is not None:
+            raise ValueError("a KV cache needs Decoder(cfg, unstacked=True) with "
+                             "unstack_layers(params)")
+        else:
+            block = Block
+            if cfg.remat != "none":
+                block = nn.remat(Block, policy=REMAT_POLICY[cfg.remat], prevent_cse=False)
+            # Without remat the layer loop is unrolled (measured ~15% faster on CPU).
+            # With remat it stays a loop: unrolled, XLA keeps every layer's
+            # activations alive and remat saves no memory.
+            unroll = cfg.n_layers if cfg.remat == "none" else 1
+            stack = nn.scan(block, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                            unroll=unroll)
+            x_BxTxD, _ = stack(cfg, deterministic, name="blocks")(x_BxTxD, None, index)
 
         x_BxTxD = layer_norm(cfg, "ln_f")(x_BxTxD).astype(jnp.float32)
         head = nn.Dense(cfg.vocab_size, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -217,10 +241,26 @@ class Decoder(nn.Module):
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
 
-def init_cache(cfg: ModelConfig, batch_size: int) -> dict:
-    """An empty KV cache: k and v of shape (L, B, H, max_seq_length, K)."""
-    shape = (cfg.n_layers, batch_size, cfg.n_head, cfg.max_seq_length, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+def init_cache(cfg: ModelConfig, batch_size: int) -> tuple:
+    """An empty KV cache: per layer, k and v of shape (B*H, max_seq_length, K).
+
+    Heads are folded into the batch axis so that at batch 1 no size-1 axis
+    stands between the in-place update and the attention reading it (with one,
+    XLA copied each layer's cache on every decoded token).
+    """
+    shape = (batch_size * cfg.n_head, cfg.max_seq_length, cfg.head_dim)
+    return tuple({"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+                 for _ in range(cfg.n_layers))
+
+
+def unstack_layers(params) -> dict:
+    """Params for Decoder(cfg, unstacked=True): the stacked "blocks" (leading L axis) as block_0 ... block_{L-1}."""
+    blocks = params["blocks"]
+    n_layers = jax.tree.leaves(blocks)[0].shape[0]
+    out = {name: value for name, value in params.items() if name != "blocks"}
+    for i in range(n_layers):
+        out[f"block_{i}"] = jax.tree.map(lambda p: p[i], blocks)
+    return out
 
 
 def init_params(cfg: ModelConfig, rng):

@@ -22,7 +22,7 @@ import numpy as np
 
 from chatgot_jax.config import ModelConfig
 from chatgot_jax.errors import UserError
-from chatgot_jax.model import Decoder, init_cache
+from chatgot_jax.model import Decoder, init_cache, unstack_layers
 
 CHUNK = 32  # decode steps per device call (and per streamed piece)
 MIN_BUCKET = 16  # smallest prefill length
@@ -69,10 +69,16 @@ def sample_logits(logits_BxV, keys_B, gen_index, temperature, top_k, top_p):
     return jnp.where(temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
 
 
+_unstack = jax.jit(unstack_layers)
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(model_cfg: ModelConfig, chunk: int):
-    """(prefill, decode) jitted for one model config; jit caches each (B, P) shape."""
-    model = Decoder(model_cfg)
+    """(prefill, decode) jitted for one model config; jit caches each (B, P) shape.
+
+    Both take params from unstack_layers (the model's unstacked layout).
+    """
+    model = Decoder(model_cfg, unstacked=True)
 
     def prefill(params, tokens_RxP, length, gen_index, keys_B, temperature, top_k, top_p):
         """R = B rows, or R = 1 row shared by all B samples (computed once, then tiled)."""
@@ -82,8 +88,8 @@ def _compiled(model_cfg: ModelConfig, chunk: int):
         logits_RxPxV, cache = model.apply({"params": params}, tokens_RxP, cache=cache, index=0)
         logits_RxV = jax.lax.dynamic_index_in_dim(logits_RxPxV, length - 1, axis=1,
                                                   keepdims=False)
-        if R != B:  # cache k/v (L, R, H, S, K) -> (L, B, H, S, K)
-            cache = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1), cache)
+        if R != B:  # each layer's k/v (R*H, S, K) -> (B*H, S, K), row-major in (b, h)
+            cache = jax.tree.map(lambda x: jnp.tile(x, (B, 1, 1)), cache)
         logits_BxV = jnp.broadcast_to(logits_RxV, (B, logits_RxV.shape[-1]))
         tok_B = sample_logits(logits_BxV, keys_B, gen_index, temperature, top_k, top_p)
         return cache, tok_B, logits_BxV
@@ -156,6 +162,7 @@ def generate_ids(params, model_cfg: ModelConfig, prompt_ids, *, max_new_tokens: 
     if prompt_ids.size == 0:
         raise UserError("the prompt is empty: give at least one character")
     prefill, decode = _compiled(model_cfg, CHUNK)
+    params = _unstack(params)  # one copy per call; each decoded token then reads it in place
     keys_B = jax.random.split(jax.random.key(seed), B)
     knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
     context_1xL = prompt_ids[None]

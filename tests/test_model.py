@@ -180,14 +180,20 @@ def test_kv_cache_matches_full_forward(memory):
     cfg = ModelConfig(**MICRO, memory=memory)
     params = M.init_params(cfg, jax.random.key(0))
     tokens = _tokens(cfg, T=20)
-    apply = jax.jit(lambda tok, cache, index: M.Decoder(cfg).apply(
-        {"params": params}, tok, cache=cache, index=index))
+    layers = M.unstack_layers(params)
+    assert layers["block_1"]["qkv"]["kernel"].shape == (32, 96) and "blocks" not in layers
+    apply = jax.jit(lambda tok, cache, index: M.Decoder(cfg, unstacked=True).apply(
+        {"params": layers}, tok, cache=cache, index=index))
     full = jax.jit(lambda tok: M.Decoder(cfg).apply({"params": params}, tok))(tokens)
+    unstacked = M.Decoder(cfg, unstacked=True).apply({"params": layers}, tokens)
+    np.testing.assert_allclose(unstacked, full, atol=1e-5)  # same model, layers unrolled
     prefill, cache = apply(tokens[:, :12], M.init_cache(cfg, 2), 0)
     np.testing.assert_allclose(prefill, full[:, :12], atol=1e-5)
     for t in range(12, 20):
         step, cache = apply(tokens[:, t:t + 1], cache, t)
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
+    with pytest.raises(ValueError, match="unstacked"):
+        M.Decoder(cfg).apply({"params": params}, tokens, cache=M.init_cache(cfg, 2))
 
 
 def test_init_std_and_untied_head(params):
