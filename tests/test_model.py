@@ -158,6 +158,16 @@ def test_dropout_rate_and_scale():
     assert M.dropout(x, 0.0, jax.random.key(0)) is x
 
 
+@pytest.mark.parametrize("n", [1, 7, 4096 + 3])
+def test_fast_random_bits_equal_jax_random_bits(n):
+    from chatgot_jax.prng import random_bits
+    for key in (jax.random.key(0), jax.random.key(12345), jax.random.fold_in(jax.random.key(1), 9)):
+        want = jax.random.bits(key, (n,), jnp.uint32)
+        np.testing.assert_array_equal(jax.jit(random_bits, static_argnums=1)(key, n), want)
+    rbg = jax.random.key(0, impl="rbg")  # other key implementations fall back to JAX
+    np.testing.assert_array_equal(random_bits(rbg, n), jax.random.bits(rbg, (n,), jnp.uint32))
+
+
 def test_memory_sublayer_ignores_tokens():
     cfg = ModelConfig(**MICRO, memory=True)
     layer = M.MemoryAttention(cfg, deterministic=True)
