@@ -32,20 +32,45 @@ class Diverged(RunError):
 
 
 class Logger:
-    """metrics.jsonl on process 0; prints through tqdm so the bar stays intact."""
+    """metrics.jsonl and TensorBoard event files in the run dir, on process 0.
 
-    def __init__(self, run_dir: pathlib.Path, enabled: bool):
+    Prints go through tqdm so the bar stays intact. TensorBoard gets every
+    numeric field of a record as a scalar at the record's step (train/loss,
+    val/bpc, ...) and the samples as text; on resume, events after the resumed
+    step are purged so the curves do not double back.
+    """
+
+    TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+            "grad_norm": "train/grad_norm", "val_loss": "val/loss", "val_bpc": "val/bpc"}
+
+    def __init__(self, run_dir: pathlib.Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 (import cost)
+            self.tb = SummaryWriter(str(run_dir), purge_step=start_step or None, flush_secs=10)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, tag in self.TAGS.items():
+            if name in record and math.isfinite(record[name]):
+                self.tb.add_scalar(tag, record[name], record["step"])
+
+    def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            self.tb.add_text(tag, text, step)
 
     def print(self, text: str) -> None:
         if self.enabled:
             tqdm.write(text)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def inspect_run_dir(run_dir: pathlib.Path, cfg: config_lib.Config, resume: bool):
@@ -146,10 +171,10 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
         state, shardings = train_lib.create_sharded_state(cfg, mesh)
     train_step = train_lib.make_train_step(cfg, mesh, shardings)
     eval_step = train_lib.make_eval_step(cfg, mesh, shardings)
-    log = Logger(run_dir, is_main)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     micro = int(jax.device_get(state["step"]))
     opt_step = micro // tcfg.grad_accum
+    log = Logger(run_dir, is_main, start_step=opt_step)
     tokens_per_micro = tcfg.batch_size * seq_len
     log.print(f"model: {n_params:,} parameters | vocab {tokenizer.vocab_size} | "
               f"{len(train_tokens):,} train / {len(val_tokens):,} val chars | "
@@ -240,7 +265,10 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
                            "time": time.time() - t_start})
                 log.print(f"step {opt_step}: val loss {last_val:.4f} nats/char, "
                           f"{bpc:.4f} bits/char")
-                log.print(_sample_text(state["params"], cfg, tokenizer, prompt, tcfg))
+                sample = _sample_text(state["params"], cfg, tokenizer, prompt, tcfg)
+                if sample:
+                    log.print(f"--- sample ---\n{sample}\n--------------")
+                    log.text("sample", sample, opt_step)
             if save_now:
                 ckpt.save(manager, state, cfg, tokenizer, opt_step, last_val)
             if evaluate_now or save_now:
@@ -271,6 +299,7 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
             signal.signal(signal.SIGINT, previous_sigint)
         bar.close()
         manager.close()
+        log.close()
 
     summary = {
         "steps": opt_step, "tokens": opt_step * tcfg.grad_accum * tokens_per_micro,
@@ -288,7 +317,7 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
 
 
 def _sample_text(params, cfg, tokenizer, prompt, tcfg) -> str:
-    """A short sample for the log; with several processes, process 0 samples alone."""
+    """A short sample (prompt included) for the log, or ""; with several processes, process 0 samples alone."""
     if tcfg.sample_tokens == 0:
         return ""
     from chatgot_jax import sampling  # noqa: PLC0415 (keeps the sampler's compile lazy)
@@ -301,4 +330,4 @@ def _sample_text(params, cfg, tokenizer, prompt, tcfg) -> str:
     text = sampling.generate(params, cfg.model, tokenizer, prompt,
                              max_new_tokens=tcfg.sample_tokens, temperature=0.8,
                              seed=tcfg.seed)[0]
-    return f"--- sample ---\n{prompt}{text}\n--------------"
+    return prompt + text

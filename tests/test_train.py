@@ -1,6 +1,8 @@
 """Training: MultiSteps accumulation, learning, exact resume, device-count invariance, the CLI."""
 
 import json
+import pathlib
+import struct
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
@@ -41,6 +44,23 @@ def corpus(tmp_path_factory):
 def train_losses(run_dir) -> dict[int, float]:
     records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def read_events(run_dir) -> list[list[Event]]:
+    """Every TensorBoard event file in run_dir (oldest first), parsed from its TFRecord framing."""
+    files = []
+    for path in sorted(pathlib.Path(run_dir).glob("events.out.tfevents.*")):
+        data, events, pos = path.read_bytes(), [], 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
+            pos += 12 + length + 4  # length, its crc, the record, its crc
+        files.append(events)
+    return files
+
+
+def scalars(events, tag) -> dict[int, float]:
+    return {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == tag}
 
 
 def test_multisteps_equals_one_big_batch():
@@ -93,6 +113,14 @@ def test_training_reduces_loss(baseline_run):
             if "val_bpc" in line]
     assert len(vals) == 2 and vals[1] < vals[0]
     assert ckpt.existing_steps(run_dir) == [3, 6]
+    (events,) = read_events(run_dir)  # TensorBoard sees what metrics.jsonl says
+    np.testing.assert_allclose(list(scalars(events, "train/loss").values()),
+                               [losses[s] for s in range(1, 7)], rtol=1e-6)
+    np.testing.assert_allclose(list(scalars(events, "val/bpc").values()), vals, rtol=1e-6)
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"):
+        assert scalars(events, tag), tag
+    samples = [e.step for e in events for v in e.summary.value if v.tag.startswith("sample")]
+    assert samples == [3, 6]
 
 
 def test_resume_is_exact(baseline_run, corpus, tmp_path, monkeypatch):
@@ -113,6 +141,9 @@ def test_resume_is_exact(baseline_run, corpus, tmp_path, monkeypatch):
     trainer.train_and_evaluate(cfg, corpus, str(run_dir))
     resumed, expected = train_losses(run_dir), train_losses(baseline_run[0])
     assert [resumed[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    first_run, second_run = read_events(run_dir)  # the resumed run purges TensorBoard after step 3
+    assert any(e.step == 3 and e.session_log.status == SessionLog.START for e in second_run)
+    assert sorted(scalars(second_run, "train/loss")) == [4, 5, 6]
 
 
 def test_four_devices_match_one(baseline_run, corpus, tmp_path):
