@@ -57,4 +57,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from chatgot_jax.allocator import use_tcmalloc
+    use_tcmalloc()  # re-executes with tcmalloc preloaded when the system has it
     main()

@@ -316,4 +316,6 @@ def grid_main(args) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from chatgot_jax.allocator import use_tcmalloc
+    use_tcmalloc()  # as train.py does, so that the figures are what users get
     sys.exit(main() and 0)
