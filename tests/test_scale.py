@@ -110,12 +110,11 @@ def test_two_processes_match_one(tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     assert "4 device(s)" in outs[0][0] + outs[0][1] and "done: 4 steps" in outs[0][0]
-    # Only process 0 prints. Gloo logs "[Gloo] Rank R is connected to N peer ranks..."
-    # on every rank from its own threads, and those writes can come out split.
-    gloo = ("[Gloo]", "peer ranks", "Rank ")
-    ours = [line for line in outs[1][0].splitlines()
-            if line.strip() and not any(g in line for g in gloo)]
-    assert ours == [], ours
+    # Only process 0 prints. (Gloo logs "[Gloo] Rank R is connected to N peer ranks"
+    # on every rank from two threads whose writes interleave mid-line, so process 1's
+    # stdout is checked for the trainer's own lines, not for emptiness.)
+    for ours in ("model:", "val loss", "sample", "done:", "checkpoints:", "next:"):
+        assert ours not in outs[1][0], outs[1][0][-500:]
     np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"),
                                rtol=2e-5)
     params, cfg, _, step = ckpt.load_for_inference(str(tmp_path / "multi"))
