@@ -20,13 +20,7 @@ import numpy as np
 
 from chatgot_jax import sampling
 from chatgot_jax.config import load_config
-from chatgot_jax.model import Decoder, param_shapes
-
-
-def params_for(cfg):
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda s: jnp.asarray((0.02 * rng.standard_normal(s.shape)).astype(np.float32)),
-                        param_shapes(cfg))
+from chatgot_jax.model import Decoder, init_params
 
 
 def timed(fn):
@@ -38,7 +32,7 @@ def timed(fn):
 def bench(variant, batch, n_dec, n_rec, rounds=5):
     m = load_config(variant).model
     m = dataclasses.replace(m, compute_dtype="float32", remat="none", dropout=0.0)
-    params = params_for(m)
+    params = init_params(m, jax.random.key(0))
     S = m.max_seq_length
     P = S - 1 - 200  # a 200-token run ending at a full context (no sliding)
     prompt = np.random.default_rng(1).integers(1, m.vocab_size, P)

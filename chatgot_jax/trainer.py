@@ -34,10 +34,10 @@ class Diverged(RunError):
 class Logger:
     """metrics.jsonl and TensorBoard event files in the run dir, on process 0.
 
-    Prints go through tqdm so the bar stays intact. TensorBoard gets every
-    numeric field of a record as a scalar at the record's step (train/loss,
-    val/bpc, ...) and the samples as text; on resume, events after the resumed
-    step are purged so the curves do not double back.
+    Prints go through tqdm so the bar stays intact. TensorBoard gets the fields
+    named in TAGS as scalars at the record's step (train/loss, val/bpc, ...) and
+    the samples as text; on resume, events after the resumed step are purged so
+    the curves do not double back.
     """
 
     TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
@@ -100,6 +100,7 @@ def inspect_run_dir(run_dir: pathlib.Path, cfg: config_lib.Config, resume: bool)
             break
         except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try an older one)
             ckpt.warn_unreadable(run_dir, step, e)
+    manager.close()
     if meta is None:
         raise UserError(f"no checkpoint in {run_dir} is readable: move it away to start over")
     saved = config_lib.from_dict(meta["config"], source=f"checkpoint in {run_dir}")
