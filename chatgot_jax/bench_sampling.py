@@ -40,7 +40,8 @@ def bench(variant, batch, n_dec, n_rec, rounds=5):
                                           num_samples=batch)
     run(2)  # compiles prefill + decode
     L = S - 100
-    fwd = jax.jit(lambda p, t: Decoder(m).apply({"params": p}, t)[:, -1].argmax(-1))
+    fwd = jax.jit(lambda p, t: Decoder(m).apply({"params": p}, t)[:, -1].argmax(-1),
+                  compiler_options=sampling.compiler_options())  # same XLA options as cached
     tok = jnp.asarray(np.tile(np.resize(prompt, L), (batch, 1)), jnp.int32)
     np.asarray(fwd(params, tok))  # compile
     pre, dec, rec = [], [], []

@@ -1,4 +1,7 @@
-"""Dropout's random words: jax.random.bits for threefry keys, bit for bit, several times faster on CPU.
+"""jax.random's threefry draws, bit for bit, several times faster on CPU.
+
+Used for dropout's random words (random_bits) and for sampling's per-token
+keys and draws (fold_in, categorical).
 
 JAX lowers its threefry2x32 hash on CPU as a loop over groups of rounds, which
 XLA cannot fuse; written out with its 20 rounds unrolled, the whole hash
@@ -43,3 +46,32 @@ def random_bits(rng, n: int):
     counters = jnp.arange(n, dtype=jnp.uint32)
     a, b = threefry2x32(key_data[0], key_data[1], jnp.zeros_like(counters), counters)
     return a ^ b
+
+
+def fold_in(rng, data):
+    """Equal to jax.random.fold_in(rng, data) for a scalar uint32/int32 data.
+
+    JAX's threefry fold_in hashes the counter pair (0, data) under the key and
+    the two output words are the new key. Falls back to JAX for other keys.
+    """
+    key_data = jax.random.key_data(rng)
+    if key_data.shape != (2,):
+        return jax.random.fold_in(rng, data)
+    a, b = threefry2x32(key_data[0], key_data[1], jnp.uint32(0), jnp.asarray(data, jnp.uint32))
+    return jax.random.wrap_key_data(jnp.stack([a, b]), impl=jax.random.key_impl(rng))
+
+
+def categorical(rng, logits_V):
+    """Equal to jax.random.categorical(rng, logits_V) for a 1-D logits_V (Gumbel-max).
+
+    Same words (random_bits), same uniform in [tiny, 1) and same Gumbel noise
+    -log(-log(u)) as JAX's default ("low") mode, so the same index.
+    """
+    if logits_V.ndim != 1 or jax.config.jax_high_dynamic_range_gumbel:
+        return jax.random.categorical(rng, logits_V)
+    tiny = jnp.finfo(jnp.float32).tiny
+    bits = random_bits(rng, logits_V.shape[0])
+    floats = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000),
+                                          jnp.float32) - 1.0
+    u = jnp.maximum(tiny, floats * (1.0 - tiny) + tiny)
+    return jnp.argmax(-jnp.log(-jnp.log(u)) + logits_V.astype(jnp.float32))

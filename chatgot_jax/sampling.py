@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatgot_jax import prng
 from chatgot_jax.config import ModelConfig
 from chatgot_jax.errors import UserError
 from chatgot_jax.model import Decoder, init_cache, unstack_layers
@@ -30,6 +31,24 @@ TOP_P_TOLERANCE = 1e-6  # cumulative probability within this of p counts as reac
 
 # Times each jitted function's Python body was traced (tests count compilations).
 trace_counts = collections.Counter()
+
+
+@functools.cache
+def compiler_options() -> dict:
+    """XLA options for the sampling programs (decode, prefill, the recompute reference).
+
+    On an AVX-512 CPU, 512-bit vectors in XLA's own kernels (small fused loops and
+    matrix-vector products) make a tiny-model decode step ~10% faster; XLA:CPU
+    defaults to 256. Elsewhere (other CPUs, GPU) nothing is changed.
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        avx512 = False
+    return {"xla_cpu_prefer_vector_width": 512} if avx512 else {}
 
 
 def filter_logits(logits_BxV, top_k, top_p):
@@ -63,9 +82,11 @@ def sample_logits(logits_BxV, keys_B, gen_index, temperature, top_k, top_p):
     """
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
-    filtered_BxV = filter_logits(logits_BxV / safe_t, top_k, top_p)
-    step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, gen_index)
-    drawn_B = jax.vmap(jax.random.categorical)(step_keys_B, filtered_BxV)
+    scaled_BxV = logits_BxV / safe_t
+    filtered_BxV = jax.lax.cond((top_k > 0) | (top_p < 1.0),  # skips the sort when both are off
+                                lambda x: filter_logits(x, top_k, top_p), lambda x: x, scaled_BxV)
+    step_keys_B = jax.vmap(prng.fold_in, in_axes=(0, None))(keys_B, gen_index)
+    drawn_B = jax.vmap(prng.categorical)(step_keys_B, filtered_BxV)
     return jnp.where(temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
 
 
@@ -114,7 +135,9 @@ def _compiled(model_cfg: ModelConfig, chunk: int):
                 jnp.zeros((chunk, B, V), jnp.float32))
         return jax.lax.fori_loop(0, n_steps, step, init)
 
-    return jax.jit(prefill), jax.jit(decode, donate_argnums=1)
+    opts = compiler_options()
+    return (jax.jit(prefill, compiler_options=opts),
+            jax.jit(decode, donate_argnums=1, compiler_options=opts))
 
 
 def prefill_bucket(length: int, max_seq_length: int) -> int:
@@ -235,7 +258,8 @@ def generate(params, model_cfg: ModelConfig, tokenizer, prompt: str, *, max_new_
 @functools.lru_cache(maxsize=16)
 def _full_apply(model_cfg: ModelConfig):
     return jax.jit(lambda params, tokens_BxS: Decoder(model_cfg).apply({"params": params},
-                                                                        tokens_BxS))
+                                                                        tokens_BxS),
+                   compiler_options=compiler_options())
 
 
 def generate_recompute(params, model_cfg: ModelConfig, prompt_ids, *, max_new_tokens: int):

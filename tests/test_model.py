@@ -168,6 +168,21 @@ def test_fast_random_bits_equal_jax_random_bits(n):
     np.testing.assert_array_equal(random_bits(rbg, n), jax.random.bits(rbg, (n,), jnp.uint32))
 
 
+def test_fast_fold_in_and_categorical_equal_jax():
+    from chatgot_jax import prng
+    fold_in, categorical = jax.jit(prng.fold_in), jax.jit(prng.categorical)
+    for seed in range(20):
+        key = jax.random.key(seed)
+        for data in (0, 1, 77, 2 ** 31 + 5):
+            want = jax.random.key_data(jax.random.fold_in(key, np.uint32(data)))
+            np.testing.assert_array_equal(jax.random.key_data(fold_in(key, np.uint32(data))), want)
+        logits = 3.0 * jax.random.normal(jax.random.key(1000 + seed), (96,))
+        assert int(categorical(key, logits)) == int(jax.random.categorical(key, logits))
+    rbg = jax.random.key(0, impl="rbg")  # other key implementations fall back to JAX
+    np.testing.assert_array_equal(jax.random.key_data(prng.fold_in(rbg, 3)),
+                                  jax.random.key_data(jax.random.fold_in(rbg, 3)))
+
+
 def test_memory_sublayer_ignores_tokens():
     cfg = ModelConfig(**MICRO, memory=True)
     layer = M.MemoryAttention(cfg, deterministic=True)

@@ -147,6 +147,23 @@ def test_sampling_respects_filter(tok, model):
     assert all(ids[b, t] in top3[t, b] for b in range(2) for t in range(40))
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 0.9)])
+def test_draws_are_jax_categorical_per_row_key(tok, model, top_k, top_p):
+    """Token t of row b is jax.random.categorical(fold_in(key_b, t), filtered logits / T)."""
+    cfg, params = model
+    T, B, N = 0.7, 3, 40
+    ids, logits = sampling.generate_ids(params, cfg, tok.encode(PROMPT), max_new_tokens=N,
+                                        temperature=T, top_k=top_k, top_p=top_p, num_samples=B,
+                                        seed=5, return_logits=True)
+    keys_B = jax.random.split(jax.random.key(5), B)
+    scaled = np.asarray(logits, np.float32) / np.float32(T)  # (N, B, V)
+    for t in range(N):
+        filtered = filter_jit(scaled[t], np.int32(top_k), np.float32(top_p))
+        for b in range(B):
+            want = jax.random.categorical(jax.random.fold_in(keys_B[b], t), filtered[b])
+            assert ids[b, t] == int(want), (t, b)
+
+
 def test_compiles_once_per_bucket(tok, model):
     """Prompts of other lengths in the same bucket and other knobs do not retrace."""
     cfg, params = model
