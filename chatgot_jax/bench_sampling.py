@@ -56,6 +56,7 @@ def bench(variant, batch, n_dec, n_rec, rounds=5):
           f"| {tps200:8.2f} | {1e3 * t_rec:8.1f} (L={L}) | {rec_tps:7.2f} "
           f"| {dec_tps / rec_tps:5.1f}x | {tps200 / rec_tps:5.1f}x |", flush=True)
 
+
 def main():
     print("| variant | context S | batch | cached ms/step | cached decode tok/s | prefill s (P=S-201) "
           "| cached tok/s, 200 tok incl. prefill | recompute ms/step | recompute tok/s "

@@ -62,16 +62,18 @@ def fold_in(rng, data):
 
 
 def categorical(rng, logits_V):
-    """Equal to jax.random.categorical(rng, logits_V) for a 1-D logits_V (Gumbel-max).
+    """Equal to jax.random.categorical(rng, logits_V) (Gumbel-max).
 
     Same words (random_bits), same uniform in [tiny, 1) and same Gumbel noise
-    -log(-log(u)) as JAX's default ("low") mode, so the same index.
+    -log(-log(u)) as JAX's default ("low") mode, so the same index. Other than
+    1-D float32 logits, or with high-dynamic-range Gumbel on, it calls JAX.
     """
-    if logits_V.ndim != 1 or jax.config.jax_high_dynamic_range_gumbel:
+    if (logits_V.ndim != 1 or logits_V.dtype != jnp.float32
+            or jax.config.jax_high_dynamic_range_gumbel):
         return jax.random.categorical(rng, logits_V)
     tiny = jnp.finfo(jnp.float32).tiny
     bits = random_bits(rng, logits_V.shape[0])
     floats = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000),
                                           jnp.float32) - 1.0
     u = jnp.maximum(tiny, floats * (1.0 - tiny) + tiny)
-    return jnp.argmax(-jnp.log(-jnp.log(u)) + logits_V.astype(jnp.float32))
+    return jnp.argmax(-jnp.log(-jnp.log(u)) + logits_V)
