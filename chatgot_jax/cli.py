@@ -1,34 +1,63 @@
-"""Entry-point logic behind train.py (kept importable and testable)."""
+"""How every command is built: one argparse style, one --debug, one one-line-error wrapper.
 
-from chatgot_jax.errors import UserError, cli_main
+A command module defines build_parser() and run(args), and exposes
 
+    main = cli.entry_point(build_parser, run)
 
-def init_distributed(coordinator, num_processes, process_id) -> None:
-    """jax.distributed.initialize when a coordinator is given; a no-op otherwise."""
-    given = [v is not None for v in (coordinator, num_processes, process_id)]
-    if not any(given):
-        return
-    if not all(given):
-        raise UserError("multi-process training needs all of --coordinator HOST:PORT, "
-                        "--num-processes N and --process-id I")
-    if not 0 <= process_id < num_processes:
-        raise UserError(f"--process-id must be in [0, {num_processes}), got {process_id}")
-    import jax  # noqa: PLC0415
-    # Cross-process collectives on CPU devices (only the CPU client reads this);
-    # nothing may touch a backend before jax.distributed.initialize.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+main(argv=None) parses argv (sys.argv[1:] by default) and calls run(args).
+A UserError becomes one stderr line and exit status 2, a RunError one line and
+exit status 1; --debug (or CHATGOT_DEBUG=1) keeps their tracebacks. Real bugs
+always keep theirs.
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+from chatgot_jax.errors import InvalidArgument, RunError, UserError
 
 
-@cli_main
-def run_training(args, overrides) -> dict:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) and a --debug flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def wording(self, error: Exception) -> str:
+        """The error's one line, naming the flag where a parameter is one of ours."""
+        if isinstance(error, InvalidArgument):
+            flag = "--" + error.param.replace("_", "-")
+            if flag in self._option_string_actions:  # groups' flags too
+                return f"{flag} {error.problem}"
+        return " ".join(str(error).split())
+
+
+def entry_point(build_parser, run):
+    """main(argv=None) for a command: parse, run, and word its errors in one line."""
+
+    @functools.wraps(run)
+    def main(argv=None):
+        parser = build_parser()
+        args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+        try:
+            return run(args)
+        except (UserError, RunError) as e:
+            if args.debug or os.environ.get("CHATGOT_DEBUG"):
+                raise
+            print(f"error: {parser.wording(e)}", file=sys.stderr)
+            sys.exit(2 if isinstance(e, UserError) else 1)
+
+    return main
+
+
+def quiet_orbax() -> None:
+    """Orbax logs info and warnings through absl on every save and restore."""
     import absl.logging  # noqa: PLC0415
 
-    from chatgot_jax import config as config_lib  # noqa: PLC0415
-    from chatgot_jax import trainer  # noqa: PLC0415
-
-    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's info/warning chatter
-    cfg = config_lib.load_config(args.variant, args.config, overrides)
-    init_distributed(args.coordinator, args.num_processes, args.process_id)
-    out = args.out or f"runs/{args.variant}"
-    return trainer.train_and_evaluate(cfg, args.data, out, resume=args.resume)
+    absl.logging.set_verbosity(absl.logging.ERROR)

@@ -1,8 +1,9 @@
 """Frozen config dataclasses, loaded from configs/*.yaml and overridden by `section.field=value`.
 
-One convention everywhere: overrides are `model.d_model=128`, `train.lr=3e-4`,
-`mesh.fsdp=2`. train.py's named flags (`--batch-size 8`) are shorthands for
-the same overrides.
+The dataclass defaults are the tiny variant; configs/VARIANT.yaml says only
+what differs from them. One convention everywhere: overrides are
+`model.d_model=128`, `train.lr=3e-4`, `mesh.fsdp=2`; train.py's named flags
+(`--batch-size 8`) are shorthands for the same overrides.
 """
 
 import dataclasses
@@ -15,7 +16,8 @@ import yaml
 from chatgot_jax.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")
+# Each list of allowed names, defined here once.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")  # model.py maps them
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "dot_product")
 
@@ -26,7 +28,7 @@ class ConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The decoder's shape and numerics (defaults: the tiny variant)."""
+    """The decoder's shape and numerics; the defaults are the tiny variant."""
 
     vocab_size: int = 96  # set from the tokenizer by train.py
     d_model: int = 256
@@ -38,11 +40,11 @@ class ModelConfig:
     # The original's unused cross-attention to a zero memory (parameter and
     # numerics parity with nn.TransformerDecoderLayer, not quality).
     memory: bool = False
-    remat: str = "none"  # none | full | dots | dots_no_batch | names
-    compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
+    remat: str = "none"  # one of REMAT_POLICIES
+    compute_dtype: str = "float32"  # one of COMPUTE_DTYPES (params stay float32)
     # einsum: explicit causal softmax with dropout on the attention weights.
-    # dot_product: jax.nn.dot_product_attention (cuDNN flash attention on GPU);
-    # it has no attention-weight dropout (the other dropouts stay).
+    # dot_product: jax.nn.dot_product_attention with XLA's implementation and
+    # no attention-weight dropout (the other dropouts stay).
     attention: str = "einsum"
     layer_norm_eps: float = 1e-5  # PyTorch's default
     gelu_approximate: bool = False  # PyTorch's nn.GELU() is the exact erf form
@@ -55,14 +57,14 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, data and bookkeeping (defaults: the tiny variant)."""
+    """Optimisation, data and bookkeeping; the defaults are the tiny variant."""
 
-    batch_size: int = 32  # global micro-batch, split over all devices
+    batch_size: int = 8  # global micro-batch, split over all devices
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50  # optimizer steps of linear warmup
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 500  # optimizer steps
     weight_decay: float = 0.01  # on matrices only (see optim.py)
     beta1: float = 0.9
     beta2: float = 0.99
@@ -72,7 +74,7 @@ class TrainConfig:
     eval_every: int = 100  # optimizer steps
     eval_windows: int = 64  # fixed validation windows of max_seq_length
     sample_tokens: int = 200  # characters sampled at each evaluation
-    save_every: int = 200  # optimizer steps
+    save_every: int = 100  # optimizer steps
     keep: int = 3  # last checkpoints kept (the best one is kept as well)
     log_every: int = 10  # optimizer steps between host syncs for metrics
 

@@ -5,10 +5,10 @@ keys and draws (fold_in, categorical).
 
 JAX lowers its threefry2x32 hash on CPU as a loop over groups of rounds, which
 XLA cannot fuse; written out with its 20 rounds unrolled, the whole hash
-becomes one vectorised elementwise pass (2^23 words: 145 ms -> 21 ms on the
-project's 2-core CPU). The counters follow JAX's partitionable threefry (the
-default): word i is the xor of the two outputs of threefry2x32(key, (0, i)),
-so the result is elementwise in i and shards like any other array.
+becomes one vectorised elementwise pass (docs/performance.md has the figures).
+The counters follow JAX's partitionable threefry (the default): word i is the
+xor of the two outputs of threefry2x32(key, (0, i)), so the result is
+elementwise in i and shards like any other array.
 """
 
 import jax

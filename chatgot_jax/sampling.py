@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from chatgot_jax import prng
+from chatgot_jax.cpu_tuning import sampling_compiler_options
 from chatgot_jax.config import ModelConfig
-from chatgot_jax.errors import UserError
+from chatgot_jax.errors import InvalidArgument, UserError
 from chatgot_jax.model import Decoder, init_cache, unstack_layers
 
 CHUNK = 32  # decode steps per device call (and per streamed piece)
@@ -31,24 +32,6 @@ TOP_P_TOLERANCE = 1e-6  # cumulative probability within this of p counts as reac
 
 # Times each jitted function's Python body was traced (tests count compilations).
 trace_counts = collections.Counter()
-
-
-@functools.cache
-def compiler_options() -> dict:
-    """XLA options for the sampling programs (decode, prefill, the recompute reference).
-
-    On an AVX-512 CPU, 512-bit vectors in XLA's own kernels (small fused loops and
-    matrix-vector products) make a tiny-model decode step ~10% faster; XLA:CPU
-    defaults to 256. Elsewhere (other CPUs, GPU) nothing is changed.
-    """
-    if jax.default_backend() != "cpu":
-        return {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            avx512 = any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        avx512 = False
-    return {"xla_cpu_prefer_vector_width": 512} if avx512 else {}
 
 
 def filter_logits(logits_BxV, top_k, top_p):
@@ -135,7 +118,7 @@ def _compiled(model_cfg: ModelConfig, chunk: int):
                 jnp.zeros((chunk, B, V), jnp.float32))
         return jax.lax.fori_loop(0, n_steps, step, init)
 
-    opts = compiler_options()
+    opts = sampling_compiler_options()
     return (jax.jit(prefill, compiler_options=opts),
             jax.jit(decode, donate_argnums=1, compiler_options=opts))
 
@@ -146,17 +129,17 @@ def prefill_bucket(length: int, max_seq_length: int) -> int:
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples) -> None:
-    """UserError naming the CLI flag of the first bad value."""
+    """InvalidArgument naming the first bad value's parameter."""
     if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise InvalidArgument("max_new_tokens", f"must be at least 1, got {max_new_tokens}")
     if not temperature >= 0:  # also catches NaN
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise InvalidArgument("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+        raise InvalidArgument("top_k", f"must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {top_p}")
+        raise InvalidArgument("top_p", f"must be in (0, 1] (1 = off), got {top_p}")
     if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+        raise InvalidArgument("num_samples", f"must be at least 1, got {num_samples}")
 
 
 def check_prompt(tokenizer, prompt: str) -> None:
@@ -259,7 +242,7 @@ def generate(params, model_cfg: ModelConfig, tokenizer, prompt: str, *, max_new_
 def _full_apply(model_cfg: ModelConfig):
     return jax.jit(lambda params, tokens_BxS: Decoder(model_cfg).apply({"params": params},
                                                                         tokens_BxS),
-                   compiler_options=compiler_options())
+                   compiler_options=sampling_compiler_options())
 
 
 def generate_recompute(params, model_cfg: ModelConfig, prompt_ids, *, max_new_tokens: int):

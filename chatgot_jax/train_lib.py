@@ -1,16 +1,14 @@
 """Train state, device mesh, shardings, and the jitted train and eval steps.
 
 The state is a plain pytree:
-    {"params": ..., "opt_state": optax.MultiStepsState, "step": int32, "rng": uint32[2]}
-`step` counts micro-batches (train steps) done; the optimizer step is
-`opt_state.gradient_step`. Dropout keys are fold_in(rng, step), so every step's
-randomness is a function of (seed, step) and resume is exact.
+    {"params": ..., "opt_state": optax.MultiStepsState, "rng": uint32[2]}
+The optimizer step is `opt_state.gradient_step` (the one step users see); the
+micro-batches done are gradient_step * grad_accum + mini_step (micro_step()).
+Dropout keys are fold_in(rng, micro-step), so every micro-step's randomness is
+a function of (seed, micro-step) and resume is exact.
 """
 
-import math
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -59,7 +57,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def _leaf_spec(shape, fsdp: int) -> P:
+def leaf_spec(shape, fsdp: int) -> P:
     """Shards the largest dimension that fsdp divides along 'fsdp'; else replicates."""
     if fsdp == 1 or not shape:
         return P()
@@ -74,7 +72,7 @@ def _leaf_spec(shape, fsdp: int) -> P:
 def state_shardings(mesh: Mesh, abstract_state):
     """Params and optimizer state: replicated, or FSDP-sharded when the mesh has fsdp > 1."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(x.shape, fsdp)),
+    return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(x.shape, fsdp)),
                         abstract_state)
 
 
@@ -86,9 +84,18 @@ def init_state(cfg: Config, rng_seed: int | None = None):
     return {
         "params": params,
         "opt_state": make_optimizer(cfg.train).init(params),
-        "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(dropout_key),
     }
+
+
+def optimizer_step(state) -> int:
+    """Optimizer steps done (fetched from the device)."""
+    return int(jax.device_get(state["opt_state"].gradient_step))
+
+
+def micro_step(opt_state, grad_accum: int):
+    """Micro-batches done: every optimizer step took grad_accum of them (traceable)."""
+    return opt_state.gradient_step * grad_accum + opt_state.mini_step
 
 
 def abstract_state(cfg: Config):
@@ -115,12 +122,12 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings):
     schedule = lr_schedule(cfg.train)
 
     def train_step(state, x_BxT, y_BxT):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        micro = micro_step(state["opt_state"], cfg.train.grad_accum)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), micro)
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], cfg, x_BxT, y_BxT, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new_state = {"params": params, "opt_state": opt_state,
-                     "step": state["step"] + 1, "rng": state["rng"]}
+        new_state = {"params": params, "opt_state": opt_state, "rng": state["rng"]}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state["opt_state"].gradient_step),  # lr of this update
                    "opt_step": opt_state.gradient_step}
@@ -152,30 +159,3 @@ def process_rows(global_batch: int) -> range:
     per = global_batch // jax.process_count()
     start = jax.process_index() * per
     return range(start, start + per)
-
-
-def planned_bytes_per_device(cfg: Config, fsdp: int) -> dict:
-    """Bytes of params and optimizer state per device under fsdp-way sharding (no devices needed)."""
-    abstract = abstract_state(cfg)
-    out = {}
-    for part in ("params", "opt_state"):
-        total = 0
-        for leaf in jax.tree.leaves(abstract[part]):
-            spec = _leaf_spec(leaf.shape, fsdp)
-            shard = [n // fsdp if axis == "fsdp" else n
-                     for n, axis in zip(leaf.shape, tuple(spec) + (None,) * leaf.ndim)]
-            total += math.prod(shard) * leaf.dtype.itemsize
-        out[part] = total
-    return out
-
-
-def state_bytes_per_device(state) -> dict:
-    """Bytes of params and optimizer state held by each device (from the shardings)."""
-    out = {}
-    for part in ("params", "opt_state"):
-        total = 0
-        for leaf in jax.tree.leaves(state[part]):
-            shard = leaf.sharding.shard_shape(leaf.shape)
-            total += math.prod(shard) * leaf.dtype.itemsize
-        out[part] = total
-    return out

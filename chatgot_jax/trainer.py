@@ -1,16 +1,20 @@
-"""The training loop: data -> sharded state -> steps -> eval -> checkpoints, resumable exactly.
+"""The training loop: setup, then batch -> step -> log -> maybe evaluate -> maybe save.
 
     train_and_evaluate(cfg, data_path, run_dir) -> summary dict
 
-Every micro-batch is get_batch(train, seed, step) and every dropout key is
-fold_in(rng, step), so resuming from a checkpoint replays the same steps as an
-uninterrupted run, bit for bit on CPU.
+"Step" means the optimizer step everywhere a user sees it (logs, checkpoints,
+max_steps); one step is grad_accum micro-batches. Micro-batch m is
+get_batch(train, seed, m) and its dropout key fold_in(rng, m), so resuming from
+a checkpoint replays the same steps as an uninterrupted run, bit for bit on CPU.
+
+The loop's named pieces (each tested on its own): run_dir.inspect (what the run
+directory holds), metrics.MetricsBuffer (device metrics -> one host sync per
+log interval, and the finiteness check), metrics.Logger (metrics.jsonl and
+TensorBoard), StopOnSigint (Ctrl-C stops between optimizer steps).
 """
 
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import signal
 import threading
@@ -23,95 +27,67 @@ from tqdm.auto import tqdm
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
+from chatgot_jax import run_dir as run_dir_lib
 from chatgot_jax import train_lib
-from chatgot_jax.errors import RunError, UserError
+from chatgot_jax.errors import Diverged
+from chatgot_jax.metrics import Logger, MetricsBuffer
 
 
-class Diverged(RunError):
-    """The loss became NaN or infinite: training stops before saving that state."""
+class StopOnSigint:
+    """Ctrl-C requests a stop that the loop honours between optimizer steps.
 
-
-class Logger:
-    """metrics.jsonl and TensorBoard event files in the run dir, on process 0.
-
-    Prints go through tqdm so the bar stays intact. TensorBoard gets the fields
-    named in TAGS as scalars at the record's step (train/loss, val/bpc, ...) and
-    the samples as text; on resume, events after the resumed step are purged so
-    the curves do not double back.
+    A KeyboardInterrupt raised inside the train step would lose its output after
+    its input state was donated. A second Ctrl-C raises KeyboardInterrupt at once.
+    Only the main thread can install a handler; elsewhere this does nothing.
     """
 
-    TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-            "grad_norm": "train/grad_norm", "val_loss": "val/loss", "val_bpc": "val/bpc"}
+    def __init__(self):
+        self.requested = False
+        self.previous = None
 
-    def __init__(self, run_dir: pathlib.Path, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415 (import cost)
-            self.tb = SummaryWriter(str(run_dir), purge_step=start_step or None, flush_secs=10)
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        for name, tag in self.TAGS.items():
-            if name in record and math.isfinite(record[name]):
-                self.tb.add_scalar(tag, record[name], record["step"])
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
 
-    def text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled:
-            self.tb.add_text(tag, text, step)
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            tqdm.write(text)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
-def inspect_run_dir(run_dir: pathlib.Path, cfg: config_lib.Config, resume: bool):
-    """Checks --out without writing; -> (saved tokenizer or None, checkpoint steps, newest first).
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The corpus as one run uses it."""
 
-    The saved config and tokenizer come from the newest checkpoint whose metadata
-    reads; a run of another model shape is refused before anything is written.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} exists and is not a directory")
-    existing = next(p for p in (run_dir, *run_dir.resolve().parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"cannot create --out {run_dir}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {run_dir} is not writable ({existing} is read-only): "
-                        f"choose another directory")
-    steps = sorted(ckpt.existing_steps(run_dir), reverse=True)
-    if not steps:
-        if resume:
-            raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from")
-        return None, []
-    manager = ckpt.make_manager(run_dir, read_only=True)
-    meta = None
-    for step in steps:
-        try:
-            meta = ckpt.read_meta(manager, step)
-            break
-        except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try an older one)
-            ckpt.warn_unreadable(run_dir, step, e)
-    manager.close()
-    if meta is None:
-        raise UserError(f"no checkpoint in {run_dir} is readable: move it away to start over")
-    saved = config_lib.from_dict(meta["config"], source=f"checkpoint in {run_dir}")
-    diff = [f"{k} {getattr(saved.model, k)} (asked {getattr(cfg.model, k)})"
-            for k in config_lib.SHAPE_FIELDS
-            if k != "vocab_size" and getattr(saved.model, k) != getattr(cfg.model, k)]
-    if diff:
-        raise UserError(f"{run_dir} holds a run of another model shape ({', '.join(diff)}): "
-                        f"use another --out, or the same model settings to resume")
-    tokenizer = data_lib.CharTokenizer.from_json(json.dumps(meta["tokenizer"]))
-    return tokenizer, steps
+    tokenizer: data_lib.CharTokenizer
+    train_tokens: np.ndarray
+    val_x: np.ndarray  # fixed validation windows, a multiple of the batch size
+    val_y: np.ndarray
+    prompt: str  # the evaluation samples' prompt
+
+
+def prepare_data(cfg: config_lib.Config, data_path, saved_tokenizer=None):
+    """-> (cfg with the tokenizer's vocab_size, RunData). A resumed run keeps its tokenizer."""
+    text = data_lib.load_corpus(data_path)
+    tokenizer = saved_tokenizer or data_lib.CharTokenizer.from_text(text)
+    if saved_tokenizer is not None and (unknown := tokenizer.unknown_chars(text)):
+        tqdm.write(f"warning: {len(unknown)} corpus characters are not in the saved "
+                   f"vocabulary and train as the unknown id: {unknown[:20]!r}")
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    tcfg, seq_len = cfg.train, cfg.model.max_seq_length
+    train_tokens, val_tokens = data_lib.split_tokens(tokenizer.encode(text), tcfg.val_fraction,
+                                                     min_len=seq_len + 1)
+    n_eval = math.ceil(tcfg.eval_windows / tcfg.batch_size) * tcfg.batch_size
+    val_x, val_y = data_lib.eval_windows(val_tokens, n=n_eval, seq_len=seq_len)
+    prompt = sample_prompt(text[len(train_tokens):])
+    return cfg, RunData(tokenizer, train_tokens, val_x, val_y, prompt)
 
 
 def sample_prompt(val_text: str) -> str:
@@ -123,203 +99,32 @@ def sample_prompt(val_text: str) -> str:
     return val_text[:16]
 
 
-def evaluate(eval_step, params, val_x, val_y, batch_size: int, mesh) -> float:
+def initial_state(cfg, mesh, manager, resuming: bool):
+    """(state, shardings): restored straight into the shardings, or freshly initialised."""
+    if not resuming:
+        return train_lib.create_sharded_state(cfg, mesh)
+    abstract = train_lib.abstract_state(cfg)
+    shardings = train_lib.state_shardings(mesh, abstract)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    return ckpt.restore_newest(manager, abstract), shardings
+
+
+def evaluate(eval_step, params, data: RunData, batch_size: int, mesh) -> float:
+    """Mean loss over the fixed validation windows, in nats per character."""
     rows = train_lib.process_rows(batch_size)
     losses = []
-    for i in range(0, len(val_x), batch_size):
-        bx, by = val_x[i:i + batch_size], val_y[i:i + batch_size]
+    for i in range(0, len(data.val_x), batch_size):
+        bx, by = data.val_x[i:i + batch_size], data.val_y[i:i + batch_size]
         x, y = train_lib.put_batch(mesh, bx[rows.start:rows.stop], by[rows.start:rows.stop])
         losses.append(eval_step(params, x, y))
     return float(np.mean(jax.device_get(losses)))
 
 
-def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: str,
-                       resume: bool = False) -> dict:
-    t_start = time.time()
-    run_dir = pathlib.Path(run_dir)
-    is_main = jax.process_index() == 0
-    saved_tokenizer, steps = inspect_run_dir(run_dir, cfg, resume)
-
-    text = data_lib.load_corpus(data_path)
-    tokenizer = saved_tokenizer or data_lib.CharTokenizer.from_text(text)
-    if saved_tokenizer is not None and (unknown := tokenizer.unknown_chars(text)):
-        tqdm.write(f"warning: {len(unknown)} corpus characters are not in the saved "
-                   f"vocabulary and train as the unknown id: {unknown[:20]!r}")
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    tcfg, seq_len = cfg.train, cfg.model.max_seq_length
-    tokens = tokenizer.encode(text)
-    train_tokens, val_tokens = data_lib.split_tokens(tokens, tcfg.val_fraction, min_len=seq_len + 1)
-    n_eval = math.ceil(tcfg.eval_windows / tcfg.batch_size) * tcfg.batch_size
-    val_x, val_y = data_lib.eval_windows(val_tokens, n=n_eval, seq_len=seq_len)
-    prompt = sample_prompt(text[len(train_tokens):])
-
-    mesh = train_lib.make_mesh(cfg.mesh)
-    train_lib.check_batch(cfg, mesh)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
-        tokenizer.save(run_dir / "tokenizer.json")
-
-    manager = ckpt.make_manager(run_dir, keep=tcfg.keep)
-    if steps:  # restore straight into the shardings: no throw-away initialisation
-        abstract = train_lib.abstract_state(cfg)
-        shardings = train_lib.state_shardings(mesh, abstract)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract, shardings)
-        state = ckpt.restore_newest_readable(manager, steps, abstract)
-    else:
-        state, shardings = train_lib.create_sharded_state(cfg, mesh)
-    train_step = train_lib.make_train_step(cfg, mesh, shardings)
-    eval_step = train_lib.make_eval_step(cfg, mesh, shardings)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    micro = int(jax.device_get(state["step"]))
-    opt_step = micro // tcfg.grad_accum
-    log = Logger(run_dir, is_main, start_step=opt_step)
-    tokens_per_micro = tcfg.batch_size * seq_len
-    log.print(f"model: {n_params:,} parameters | vocab {tokenizer.vocab_size} | "
-              f"{len(train_tokens):,} train / {len(val_tokens):,} val chars | "
-              f"{mesh.devices.size} device(s) {jax.devices()[0].platform} | batch "
-              f"{tcfg.batch_size} x {tcfg.grad_accum} accum x {seq_len} | run dir {run_dir}"
-              + (f" | resuming at step {opt_step}" if steps else ""))
-
-    rows = train_lib.process_rows(tcfg.batch_size)
-
-    def batch(step):
-        x, y = data_lib.get_batch(train_tokens, seed=tcfg.seed, step=step,
-                                  batch_size=tcfg.batch_size, seq_len=seq_len, rows=rows)
-        return train_lib.put_batch(mesh, x, y)
-
-    best_val, last_val = math.inf, None
-    pending, t_log, interrupted = [], time.time(), False
-    compile_s, untimed = None, 0  # wall time of the first (compiling) step
-
-    def flush():
-        """Syncs the pending metrics to the host, logs them, and stops on a non-finite loss."""
-        nonlocal pending, t_log, untimed
-        if not pending:
-            return
-        fetched = jax.device_get(pending)
-        losses = [float(m["loss"]) for m in fetched]
-        for m, loss in zip(fetched, losses):
-            # The loss of step N is computed before update N: a non-finite gradient
-            # with a finite loss has already made the state non-finite.
-            grad_norm = float(m["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                what = (f"the loss became {loss}" if not math.isfinite(loss)
-                        else f"the gradient norm became {grad_norm}")
-                raise Diverged(f"{what} at step {int(m['opt_step'])}")
-        now = time.time()
-        timed = len(fetched) - untimed  # the compiling step is not timed
-        tok_s = timed * tokens_per_micro / (now - t_log) if timed else float("nan")
-        untimed = 0
-        loss, lr = float(np.mean(losses)), float(fetched[-1]["lr"])
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-        log.write({"step": opt_step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
-                   "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                   "tokens": opt_step * tcfg.grad_accum * tokens_per_micro,
-                   "time": now - t_start})
-        pending, t_log = [], time.time()
-
-    # Ctrl-C stops the loop between optimizer steps: a KeyboardInterrupt raised inside
-    # the train step would lose its output after its input state was donated.
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-
-    previous_sigint = None
-    if threading.current_thread() is threading.main_thread():
-        previous_sigint = signal.signal(signal.SIGINT, request_stop)
-    bar = tqdm(total=tcfg.max_steps, initial=opt_step, unit="step", disable=not is_main,
-               dynamic_ncols=True)
-    try:
-        while opt_step < tcfg.max_steps:
-            if stop_requested and micro % tcfg.grad_accum == 0:
-                raise KeyboardInterrupt
-            state, metrics = train_step(state, *batch(micro))
-            micro += 1
-            pending.append(metrics)
-            if compile_s is None and len(pending) == 1:
-                jax.block_until_ready(metrics)
-                compile_s = time.time() - t_log
-                log.write({"step": opt_step, "first_step_s": compile_s})
-                t_log, untimed = time.time(), 1
-            if micro % tcfg.grad_accum:
-                continue
-            opt_step += 1
-            bar.update(1)
-            last_val = None
-            final = opt_step == tcfg.max_steps
-            evaluate_now = opt_step % tcfg.eval_every == 0 or final
-            save_now = opt_step % tcfg.save_every == 0 or final
-            if opt_step % tcfg.log_every == 0 or evaluate_now or save_now:
-                flush()  # never evaluate or save a state whose loss was not finite
-            if evaluate_now:
-                last_val = evaluate(eval_step, state["params"], val_x, val_y,
-                                    tcfg.batch_size, mesh)
-                best_val = min(best_val, last_val)
-                bpc = last_val / math.log(2)
-                log.write({"step": opt_step, "val_loss": last_val, "val_bpc": bpc,
-                           "time": time.time() - t_start})
-                log.print(f"step {opt_step}: val loss {last_val:.4f} nats/char, "
-                          f"{bpc:.4f} bits/char")
-                sample = _sample_text(state["params"], cfg, tokenizer, prompt, tcfg)
-                if sample:
-                    log.print(f"--- sample ---\n{sample}\n--------------")
-                    log.text("sample", sample, opt_step)
-            if save_now:
-                ckpt.save(manager, state, cfg, tokenizer, opt_step, last_val)
-            if evaluate_now or save_now:
-                t_log = time.time()
-    except KeyboardInterrupt:
-        interrupted = True
-        whole = (micro % tcfg.grad_accum == 0
-                 and not any(x.is_deleted() for x in jax.tree.leaves(state)))
-        pending = pending if whole else []
-        flush()  # raises Diverged rather than save a non-finite state
-        if whole and opt_step not in manager.all_steps():
-            ckpt.save(manager, state, cfg, tokenizer, opt_step, last_val)
-        saved = manager.latest_step()
-        if saved == opt_step:
-            log.print(f"interrupted at step {opt_step}: checkpoint saved in {run_dir}; "
-                      f"run the same command to resume")
-        else:
-            log.print(f"interrupted at step {opt_step}: nothing saved since "
-                      f"{'step ' + str(saved) if saved is not None else 'the start'}; "
-                      f"run the same command to resume from there")
-    except Diverged as e:
-        kept = manager.latest_step()
-        raise Diverged(f"{e}; nothing was saved after it, the last good checkpoint is "
-                       f"{'step ' + str(kept) if kept is not None else 'none'} in {run_dir}: "
-                       f"lower the learning rate (train.lr) and resume") from None
-    finally:
-        if previous_sigint is not None:
-            signal.signal(signal.SIGINT, previous_sigint)
-        bar.close()
-        manager.close()
-        log.close()
-
-    summary = {
-        "steps": opt_step, "tokens": opt_step * tcfg.grad_accum * tokens_per_micro,
-        "wall_time_s": time.time() - t_start,
-        "best_val_bpc": best_val / math.log(2) if math.isfinite(best_val) else None,
-        "checkpoint": str(run_dir / ckpt.CKPT_SUBDIR), "interrupted": interrupted,
-    }
-    if is_main:
-        bpc = f"{summary['best_val_bpc']:.4f}" if summary["best_val_bpc"] else "n/a"
-        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-              f"{summary['wall_time_s']:.0f} s, best val {bpc} bits/char\n"
-              f"checkpoints: {summary['checkpoint']}\n"
-              f"next: python sample.py --checkpoint {run_dir} --prompt \"{prompt}\"")
-    return summary
-
-
-def _sample_text(params, cfg, tokenizer, prompt, tcfg) -> str:
-    """A short sample (prompt included) for the log, or ""; with several processes, process 0 samples alone."""
-    if tcfg.sample_tokens == 0:
+def sample_text(params, cfg, data: RunData) -> str:
+    """A short sample (prompt included) for the log, or ""; with several processes,
+    process 0 samples alone."""
+    if cfg.train.sample_tokens == 0:
         return ""
     from chatgot_jax import sampling  # noqa: PLC0415 (keeps the sampler's compile lazy)
     if jax.process_count() > 1:  # every process takes part in the gather
@@ -328,7 +133,184 @@ def _sample_text(params, cfg, tokenizer, prompt, tcfg) -> str:
                                 jax.local_devices()[0])
         if jax.process_index() != 0:
             return ""
-    text = sampling.generate(params, cfg.model, tokenizer, prompt,
-                             max_new_tokens=tcfg.sample_tokens, temperature=0.8,
-                             seed=tcfg.seed)[0]
-    return prompt + text
+    text = sampling.generate(params, cfg.model, data.tokenizer, data.prompt,
+                             max_new_tokens=cfg.train.sample_tokens, temperature=0.8,
+                             seed=cfg.train.seed)[0]
+    return data.prompt + text
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop works with, made by setup()."""
+
+    cfg: config_lib.Config
+    run_dir: pathlib.Path
+    data: RunData
+    mesh: jax.sharding.Mesh
+    manager: object  # the checkpoint manager
+    state: dict
+    train_step: object
+    eval_step: object
+    log: Logger
+    step: int  # optimizer steps done
+    t_start: float
+    best_val: float = math.inf
+    last_val: float | None = None  # validation loss at `step`, if evaluated there
+    interrupted: bool = False
+
+    @property
+    def tokens(self) -> int:
+        tcfg = self.cfg.train
+        return self.step * tcfg.grad_accum * tcfg.batch_size * self.cfg.model.max_seq_length
+
+
+def setup(cfg, data_path, run_dir, resume: bool) -> Run:
+    t_start = time.time()
+    run_dir = pathlib.Path(run_dir)
+    existing = run_dir_lib.inspect(run_dir, cfg, resume)
+    cfg, data = prepare_data(cfg, data_path, existing.tokenizer)
+    mesh = train_lib.make_mesh(cfg.mesh)
+    train_lib.check_batch(cfg, mesh)
+    is_main = jax.process_index() == 0
+    if is_main:
+        run_dir_lib.write_files(run_dir, cfg, data.tokenizer)
+    manager = ckpt.make_manager(run_dir, keep=cfg.train.keep)
+    state, shardings = initial_state(cfg, mesh, manager, resuming=bool(existing.steps))
+    step = train_lib.optimizer_step(state)
+    run = Run(cfg, run_dir, data, mesh, manager, state,
+              train_lib.make_train_step(cfg, mesh, shardings),
+              train_lib.make_eval_step(cfg, mesh, shardings),
+              Logger(run_dir, is_main, start_step=step), step, t_start)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    t = cfg.train
+    run.log.print(f"model: {n_params:,} parameters | vocab {data.tokenizer.vocab_size} | "
+                  f"{len(data.train_tokens):,} train / {data.val_x.size:,} val chars | "
+                  f"{mesh.devices.size} device(s) {jax.devices()[0].platform} | batch "
+                  f"{t.batch_size} x {t.grad_accum} accum x {cfg.model.max_seq_length} | "
+                  f"run dir {run_dir}"
+                  + (f" | resuming at step {step}" if existing.steps else ""))
+    return run
+
+
+def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: str,
+                       resume: bool = False) -> dict:
+    """Trains (or resumes) the run in run_dir up to train.max_steps -> summary dict."""
+    run = setup(cfg, data_path, run_dir, resume)
+    tcfg = run.cfg.train
+    rows = train_lib.process_rows(tcfg.batch_size)
+    metrics = MetricsBuffer(tcfg.batch_size * run.cfg.model.max_seq_length)
+    bar = tqdm(total=tcfg.max_steps, initial=run.step, unit="step", dynamic_ncols=True,
+               disable=not run.log.enabled)
+    try:
+        with StopOnSigint() as stop:
+            while run.step < tcfg.max_steps and not stop.requested:
+                for micro in range(run.step * tcfg.grad_accum, (run.step + 1) * tcfg.grad_accum):
+                    x, y = data_lib.get_batch(run.data.train_tokens, seed=tcfg.seed, step=micro,
+                                              batch_size=tcfg.batch_size,
+                                              seq_len=run.cfg.model.max_seq_length, rows=rows)
+                    run.state, m = run.train_step(run.state, *train_lib.put_batch(run.mesh, x, y))
+                    if (first_s := metrics.add(m)) is not None:
+                        run.log.write({"step": run.step, "first_step_s": first_s})
+                run.step, run.last_val = run.step + 1, None
+                bar.update(1)
+                end_of_run = run.step == tcfg.max_steps
+                evaluate_now = run.step % tcfg.eval_every == 0 or end_of_run
+                save_now = run.step % tcfg.save_every == 0 or end_of_run
+                if run.step % tcfg.log_every == 0 or evaluate_now or save_now:
+                    log_metrics(run, metrics.flush(), bar)  # never evaluate or save a NaN state
+                if evaluate_now:
+                    evaluate_and_sample(run)
+                if save_now:
+                    save(run)
+                if evaluate_now or save_now:
+                    metrics.restart_clock()
+            if stop.requested:
+                stop_and_save(run, metrics, bar, whole=True)
+    except KeyboardInterrupt:  # a second Ctrl-C, maybe in the middle of a step
+        stop_and_save(run, metrics, bar, whole=False)
+    except Diverged as e:
+        kept = run.manager.latest_step()
+        raise Diverged(f"{e}; nothing was saved after it, the last good checkpoint is "
+                       f"{'step ' + str(kept) if kept is not None else 'none'} in "
+                       f"{run.run_dir}: lower the learning rate (train.lr) and resume") from None
+    finally:
+        bar.close()
+        run.manager.close()
+        run.log.close()
+    return finish(run)
+
+
+def log_metrics(run: Run, record: dict | None, bar) -> None:
+    if record is None:
+        return
+    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                    lr=f"{record['lr']:.2e}")
+    run.log.write({"step": run.step, **record, "tokens": run.tokens,
+                   "time": time.time() - run.t_start})
+
+
+def evaluate_and_sample(run: Run) -> None:
+    run.last_val = evaluate(run.eval_step, run.state["params"], run.data,
+                            run.cfg.train.batch_size, run.mesh)
+    run.best_val = min(run.best_val, run.last_val)
+    bpc = run.last_val / math.log(2)
+    run.log.write({"step": run.step, "val_loss": run.last_val, "val_bpc": bpc,
+                   "time": time.time() - run.t_start})
+    run.log.print(f"step {run.step}: val loss {run.last_val:.4f} nats/char, "
+                  f"{bpc:.4f} bits/char")
+    sample = sample_text(run.state["params"], run.cfg, run.data)
+    if sample:
+        run.log.print(f"--- sample ---\n{sample}\n--------------")
+        run.log.text("sample", sample, run.step)
+
+
+def save(run: Run) -> None:
+    ckpt.save(run.manager, run.state, run.cfg, run.data.tokenizer, run.step, run.last_val)
+
+
+def stop_and_save(run: Run, metrics: MetricsBuffer, bar, whole: bool) -> None:
+    """After Ctrl-C: log and save the state if it is whole (between optimizer steps,
+    not donated to an interrupted step), then say where the run can resume."""
+    run.interrupted = True
+    if not whole:
+        step = step_between_updates(run.state)
+        whole = step is not None
+        run.step = step if whole else run.step
+    if not whole:
+        metrics.drop()
+    log_metrics(run, metrics.flush(), bar)  # raises Diverged rather than save a NaN state
+    if whole and run.step not in run.manager.all_steps():
+        save(run)
+    saved = run.manager.latest_step()
+    if saved == run.step:
+        run.log.print(f"interrupted at step {run.step}: checkpoint saved in {run.run_dir}; "
+                      f"run the same command to resume")
+    else:
+        since = f"step {saved}" if saved is not None else "the start"
+        run.log.print(f"interrupted at step {run.step}: nothing saved since {since}; "
+                      f"run the same command to resume from there")
+
+
+def step_between_updates(state) -> int | None:
+    """The optimizer step of a state that sits between two optimizer steps; None for
+    a state donated to an unfinished step or in the middle of gradient accumulation."""
+    if any(x.is_deleted() for x in jax.tree.leaves(state)):
+        return None
+    opt_state = state["opt_state"]
+    return None if int(opt_state.mini_step) else int(opt_state.gradient_step)
+
+
+def finish(run: Run) -> dict:
+    """The end-of-run summary (printed by process 0)."""
+    summary = {
+        "steps": run.step, "tokens": run.tokens, "wall_time_s": time.time() - run.t_start,
+        "best_val_bpc": run.best_val / math.log(2) if math.isfinite(run.best_val) else None,
+        "checkpoint": str(run.run_dir / ckpt.CKPT_SUBDIR), "interrupted": run.interrupted,
+    }
+    if jax.process_index() == 0:
+        bpc = f"{summary['best_val_bpc']:.4f}" if summary["best_val_bpc"] else "n/a"
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+              f"{summary['wall_time_s']:.0f} s, best val {bpc} bits/char\n"
+              f"checkpoints: {summary['checkpoint']}\n"
+              f"next: python sample.py --checkpoint {run.run_dir} --prompt \"{run.data.prompt}\"")
+    return summary

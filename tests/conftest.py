@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices (before jax is imported) and shared micro configs."""
+"""Test setup: 8 simulated CPU devices (before jax is imported), micro configs and corpora."""
 
 import os
 import sys
@@ -14,15 +14,45 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "chatgot-jax-test-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
+from chatgot_jax import cpu_tuning  # noqa: E402
+
+cpu_tuning.set_xla_flags()  # as the command-line entry points do (and their subprocesses inherit)
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from chatgot_jax import config as config_lib  # noqa: E402
 from chatgot_jax.config import ModelConfig  # noqa: E402
 
+# The micro model of every test: a ModelConfig's fields, and the same as overrides.
 MICRO = dict(vocab_size=40, d_model=32, n_layers=2, n_head=4, d_hid=64, max_seq_length=32)
+MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO.items() if k != "vocab_size"]
+
+
+def micro_config(*extra: str) -> config_lib.Config:
+    """The tiny variant with the micro model shape, then `extra` overrides."""
+    return config_lib.load_config("tiny", overrides=MICRO_OVERRIDES + list(extra))
+
+
+def write_script_corpus(path, seed: int = 0, names=("JON SNOW", "ARYA", "TYRION"),
+                        lines: int = 300):
+    """A small corpus in the scripts' `SPEAKER: line` format."""
+    rng = np.random.default_rng(seed)
+    words = "winter is coming the north remembers a lannister always pays his debts".split()
+    text = [f"{names[i % len(names)]}: {' '.join(rng.choice(words, 8))}." for i in range(lines)]
+    path.write_text("\n\n".join(text), encoding="utf-8")
+    return path
 
 
 @pytest.fixture
 def micro_cfg():
     return ModelConfig(**MICRO)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A script corpus file (300 lines, three speakers)."""
+    return write_script_corpus(tmp_path_factory.mktemp("corpus") / "scripts.txt")

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from chatgot_jax import bench, plot
 from chatgot_jax import config as config_lib
 from chatgot_jax.errors import UserError
+from chatgot_jax.tools import bench, plot, report
 
 MICRO = ["model.d_model=32", "model.n_layers=1", "model.n_head=4", "model.d_hid=64",
          "model.max_seq_length=16", "model.vocab_size=40", "train.batch_size=4", "mesh.data=1"]
@@ -58,7 +58,7 @@ def test_grid_children_get_every_flag_and_the_point_last():
                               prompt_len=1, rounds=2, new_tokens=None, torch=True,
                               compile_only=False, overrides=["train.batch_size=8"])
     argv = bench.child_argv(args, ["model.remat=full"], "/tmp/r.json")
-    assert argv[1:3] == ["-m", "chatgot_jax.bench"]
+    assert argv[1:3] == ["-m", "chatgot_jax.tools.bench"]
     assert argv[-2:] == ["train.batch_size=8", "model.remat=full"]
     for flag in ("--torch", "--json", "--rounds", "--steps"):
         assert flag in argv
@@ -130,7 +130,7 @@ def test_grid_table_and_chart(tmp_path):
     points = bench.parse_grid("model.remat=none,full")
     results = [{"mode": "train", "tokens_per_s": 1234.0, "step_ms": 10.0,
                 "temp_bytes": 2 ** 30}, {"overrides": points[1], "error": "out of memory"}]
-    text = plot.grid_markdown(points, results, "tiny train")
+    text = report.grid_markdown(points, results, "tiny train")
     assert "| model.remat | compile s |" in text
     assert "| none | - | 10.0 |" in text and "| full | failed: out of memory |" in text
     out = tmp_path / "grid.png"
@@ -142,7 +142,7 @@ def test_bench_train_prints_every_column(capsys):
     result = bench.main(["--variant", "tiny", "--steps", "2", "--warmup", "1", *MICRO])
     out = capsys.readouterr().out
     row = out.strip().splitlines()[1]
-    for key, title, _ in plot.COLUMNS:
+    for key, title, _ in report.COLUMNS:
         assert f"{title} " in row
         assert result[key] > 0 if key != "mfu" else result[key] >= 0
     assert "- |" not in row and "MFU against" in out

@@ -11,9 +11,9 @@ from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
 from chatgot_jax import train_lib
 from chatgot_jax.data import CharTokenizer
+from conftest import MICRO_OVERRIDES
 
-MICRO = ["model.d_model=32", "model.n_layers=1", "model.n_head=4", "model.d_hid=64",
-         "model.max_seq_length=16", "train.batch_size=8"]
+MICRO = MICRO_OVERRIDES + ["train.batch_size=8"]
 
 
 def run_cli(main, argv, capsys) -> str:
@@ -33,13 +33,6 @@ def tree_digest(path: pathlib.Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "c.txt"
-    path.write_text("ARYA: not today.\n\n" * 40, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +106,9 @@ def test_train_bad_config_file(tmp_path, capsys, corpus, name):
     (["--batch-size", "12"], "divisible by the number of devices (8)"),
     (["--batch-size", "abc"], "invalid int value"),
     (["model.nope=1"], "unknown config key 'model.nope'"),
-    (["--resume"], "holds no checkpoint"),
+    (["--resume"], "--resume needs a checkpoint, but"),
+    (["--process-id", "3", "--num-processes", "2", "--coordinator", "localhost:1"],
+     "--process-id must be in [0, 2), got 3"),
 ])
 def test_train_bad_settings(tmp_path, capsys, corpus, args, expected):
     out = tmp_path / "out"
@@ -126,7 +121,7 @@ def test_train_out_not_writable(tmp_path, capsys, corpus):
     blocker.write_text("x")
     line = run_cli(train.main, ["--data", str(corpus), "--out", str(blocker / "run"), *MICRO],
                    capsys)
-    assert "--out" in line and blocker.read_text() == "x"
+    assert str(blocker) in line and blocker.read_text() == "x"
 
 
 def test_train_refuses_other_model_shape(run_dir, corpus, capsys):
@@ -157,3 +152,8 @@ def test_sample_bad_checkpoint(tmp_path, run_dir, capsys):
         sample.main, ["--checkpoint", str(tmp_path), "--prompt", "A"], capsys)
     assert "no checkpoint at step 7" in run_cli(
         sample.main, ["--checkpoint", str(run_dir), "--prompt", "A", "--step", "7"], capsys)
+
+
+def test_sample_best_without_validation_loss(run_dir, capsys):
+    line = run_cli(sample.main, ["--checkpoint", str(run_dir), "--prompt", "A", "--best"], capsys)
+    assert line.startswith("error: --best needs a checkpoint with a validation loss")

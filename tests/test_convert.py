@@ -1,4 +1,4 @@
-"""PyTorch parity: torch_model <-> chatgot_jax weights, logits, loss and the convert CLI."""
+"""PyTorch parity: torch_model <-> chatgot_jax weights (torch_weights), logits, loss, the convert CLI."""
 
 import dataclasses
 import functools
@@ -11,10 +11,12 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from chatgot_jax import convert, torch_model  # noqa: E402
+from chatgot_jax import convert  # noqa: E402
+from chatgot_jax import torch_weights as tw  # noqa: E402
 from chatgot_jax.config import ModelConfig  # noqa: E402
 from chatgot_jax.data import CharTokenizer  # noqa: E402
 from chatgot_jax.model import Decoder, cross_entropy, param_shapes  # noqa: E402
+from chatgot_jax.tools import torch_model  # noqa: E402
 from conftest import MICRO  # noqa: E402
 
 TINY = dict(vocab_size=40, d_model=256, n_layers=4, n_head=4, d_hid=1024, max_seq_length=64)
@@ -39,7 +41,7 @@ def jax_forward(cfg: ModelConfig):
 def compare(cfg: ModelConfig, layout: str, batch: int = 2, seed: int = 0):
     """-> (max |logit diff|, |loss diff|) of the torch model and its conversion."""
     model = make_torch(cfg, layout, seed)
-    params = convert.torch_to_params(model.state_dict(), cfg, layout)
+    params = tw.torch_to_params(model.state_dict(), cfg, layout)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, cfg.vocab_size, (batch, cfg.max_seq_length + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -56,7 +58,7 @@ def config(shape: dict, layout: str, **kw) -> ModelConfig:
     return ModelConfig(**shape, memory=layout == "decoder", **kw)
 
 
-@pytest.mark.parametrize("layout", convert.LAYOUTS)
+@pytest.mark.parametrize("layout", tw.LAYOUTS)
 @pytest.mark.parametrize("shape", [MICRO, TINY], ids=["micro", "tiny"])
 def test_logits_and_loss_match_torch(shape, layout):
     logit_diff, loss_diff = compare(config(shape, layout), layout)
@@ -70,16 +72,16 @@ def test_numerics_flags_match_torch():
     assert logit_diff <= TOL and loss_diff <= TOL, (logit_diff, loss_diff)
 
 
-@pytest.mark.parametrize("layout", convert.LAYOUTS)
+@pytest.mark.parametrize("layout", tw.LAYOUTS)
 def test_round_trip_is_exact(layout):
     cfg = config(MICRO, layout)
     state_dict = make_torch(cfg, layout).state_dict()
-    assert convert.torch_shapes(cfg, layout) == {k: tuple(v.shape) for k, v in
+    assert tw.torch_shapes(cfg, layout) == {k: tuple(v.shape) for k, v in
                                                  state_dict.items()}
-    params = convert.torch_to_params(state_dict, cfg, layout)
+    params = tw.torch_to_params(state_dict, cfg, layout)
     want = jax.tree.map(lambda s: (s.shape, s.dtype), param_shapes(cfg))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == want
-    back = convert.params_to_torch(jax.tree.map(jnp.asarray, params), cfg, layout)
+    back = tw.params_to_torch(jax.tree.map(jnp.asarray, params), cfg, layout)
     assert list(back) == list(state_dict)
     for name, tensor in state_dict.items():
         assert torch.equal(back[name], tensor), name
@@ -88,10 +90,10 @@ def test_round_trip_is_exact(layout):
 def test_infer_shape():
     cfg = config(TINY, "encoder")
     state_dict = torch_model.build(cfg, "encoder").state_dict()
-    assert convert.detect_layout(state_dict) == "encoder"
-    shape = convert.infer_shape(state_dict, "encoder")
-    assert shape == {k: getattr(cfg, k) for k in convert.INFERRED}
-    assert convert.config_for(state_dict, "encoder").model.n_head == 4  # d_model // 64
+    assert tw.detect_layout(state_dict) == "encoder"
+    shape = tw.infer_shape(state_dict, "encoder")
+    assert shape == {k: getattr(cfg, k) for k in tw.INFERRED}
+    assert tw.config_for(state_dict, "encoder").model.n_head == 4  # d_model // 64
 
 
 @pytest.fixture
@@ -148,12 +150,12 @@ def test_missing_and_unexpected_tensors(change, message):
     cfg = config(MICRO, "decoder")
     state_dict = torch_model.build(cfg, "decoder").state_dict()
     change(state_dict)
-    with pytest.raises(convert.UserError, match=message):
-        convert.check_state_dict(state_dict, cfg, "decoder")
+    with pytest.raises(tw.UserError, match=message):
+        tw.check_state_dict(state_dict, cfg, "decoder")
 
 
 def test_layout_mismatch_is_a_user_error():
     cfg = config(MICRO, "encoder")
     state_dict = torch_model.build(cfg, "encoder").state_dict()
-    with pytest.raises(convert.UserError, match="use --layout encoder"):
-        convert.check_state_dict(state_dict, dataclasses.replace(cfg, memory=True), "decoder")
+    with pytest.raises(tw.UserError, match="state dict of the encoder layout"):
+        tw.check_state_dict(state_dict, dataclasses.replace(cfg, memory=True), "decoder")

@@ -1,4 +1,4 @@
-"""Tests for chatgot_jax.data: tokenizer, corpus loading, rendering, splits, batches."""
+"""Tests for chatgot_jax.data: tokenizer, corpus loading, splits, batches."""
 
 import json
 import re
@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from chatgot_jax.data import (UNK_ID, CharTokenizer, builtin_corpus, eval_windows, get_batch,
-                              load_corpus, render_play, split_tokens)
+from chatgot_jax.data import (UNK_ID, CharTokenizer, eval_windows, get_batch, load_corpus,
+                              split_tokens)
 from chatgot_jax.errors import UserError
 
 TEXT = "Winter is coming’ … said Ned.\nThe North remembers!"
@@ -129,94 +129,6 @@ def test_load_corpus_bad_directory(tmp_path):
     assert_user_error(lambda: load_corpus(tmp_path), tmp_path, "empty")
     (tmp_path / "c.txt").write_bytes(b"\x00\x00")
     assert_user_error(lambda: load_corpus(tmp_path), "c.txt", "binary")
-
-
-PLAY = "\n".join([
-    "# A Midsummer Night's Dream",
-    "",
-    "## ACT I",
-    "",
-    "### SCENE I. Athens. The palace of THESEUS.",
-    "",
-    "_Enter THESEUS, HIPPOLYTA, PHILOSTRATE, and Attendants_",
-    "",
-    "**THESEUS**  ",
-    "Now, fair Hippolyta, our nuptial hour  ",
-    "Draws on apace; four happy days bring in",
-    "",
-    "_Exit PHILOSTRATE_",
-    "",
-    "Hippolyta, I woo'd thee with my sword,  ",
-    "And won thy love.",
-    "",
-    "**HIPPOLYTA**  ",
-    "_\\[Aside]_  ",
-    "Four days \\--will quickly _steep_ themselves;  ",
-    "And either _\\[ ]_ night.",
-    "",
-    "_Enter EGEUS, HERMIA, LYSANDER, and",
-    "DEMETRIUS_",
-    "",
-    "### PROLOGUE",
-    "",
-    "**Chorus**  ",
-    "O for a Muse of fire! &amp; more.  ",
-    "*[Bows.]*",
-    "",
-])
-
-PLAY_TEXT = """A MIDSUMMER NIGHT'S DREAM
-
-ACT I
-
-[SCENE I. Athens. The palace of THESEUS.]
-
-[Enter THESEUS, HIPPOLYTA, PHILOSTRATE, and Attendants]
-
-THESEUS: Now, fair Hippolyta, our nuptial hour Draws on apace; four happy days bring in
-
-[Exit PHILOSTRATE]
-
-THESEUS: Hippolyta, I woo'd thee with my sword, And won thy love.
-
-HIPPOLYTA: [Aside] Four days --will quickly steep themselves; And either night.
-
-[Enter EGEUS, HERMIA, LYSANDER, and DEMETRIUS]
-
-PROLOGUE
-
-CHORUS: O for a Muse of fire! & more. [Bows.]
-"""
-
-
-def test_render_play_exact_output():
-    assert render_play(PLAY) == PLAY_TEXT
-
-
-def test_render_play_repairs_wrapped_headings_and_names():
-    md = ("### SCENE II. The temple of Diana; THAISA standing\n\nnear the altar.\n\n"
-          "*Enter King Edward.*\n\n_Sings_\n\nCOUNTESS\n\n**OF AUVERGNE**  \n"
-          "Porter, remember.\n\n**Sergeant**\n\n_Exit_\n\nThe gates!\n")
-    assert render_play(md) == (
-        "[SCENE II. The temple of Diana; THAISA standing near the altar.]\n\n"
-        "[Enter King Edward.]\n\n[Sings]\n\nCOUNTESS OF AUVERGNE: Porter, remember.\n\n"
-        "[Exit]\n\nSERGEANT: The gates!\n")
-
-
-def test_builtin_corpus():
-    text = builtin_corpus()
-    assert builtin_corpus() is text and load_corpus(None) is text
-    assert len(text) > 4_000_000
-    assert text.startswith("A MIDSUMMER NIGHT'S DREAM\n\nACT I\n\n[SCENE I. Athens.")
-    assert text.count("\n\nACT I\n\n") == 38
-    assert "\n\nHAMLET: " in text and "\n\nHAMLET\n\n" in text
-    for marker in ("**", "_", "\\", "&amp;", "#"):
-        assert marker not in text
-    assert text.count("[") == text.count("]")
-    tok = CharTokenizer.from_text(text)
-    assert tok.vocab_size < 256
-    ids = tok.encode(text)
-    assert ids.dtype == np.uint8 and tok.decode(ids[:5000]) == text[:5000]
 
 
 def test_split_is_contiguous_and_deterministic():

@@ -35,64 +35,16 @@ from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
 from chatgot_jax import train_lib, trainer
 from chatgot_jax.errors import RunError
+from conftest import MICRO_OVERRIDES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+WRAPPER = str(REPO / "tests" / "fault_wrapper.py")  # train.py with one fault injected
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-OVERRIDES = ["model.d_model=32", "model.n_layers=2", "model.n_head=4", "model.d_hid=64",
-             "model.max_seq_length=32", "train.batch_size=8", "mesh.data=1",
-             "train.eval_windows=8", "train.sample_tokens=0", "train.log_every=1",
-             "train.warmup_steps=2", "train.keep=10"]
+OVERRIDES = MICRO_OVERRIDES + [
+    "train.batch_size=8", "mesh.data=1", "train.eval_windows=8", "train.sample_tokens=0",
+    "train.log_every=1", "train.warmup_steps=2", "train.keep=10"]
 STEPS = list(range(1, 9))
 SUBPROCESS_TIMEOUT = 240
-
-# Runs train.py with a fault injected, from the repository root:
-#   FAULT_MODE=die-in-save FAULT_ARG=N: SIGKILL in the middle of writing checkpoint N
-#     (when orbax writes the "meta" item into N.orbax-checkpoint-tmp);
-#   FAULT_MODE=park FAULT_ARG=N: before computing micro-step N, touch FAULT_MARKER
-#     and wait until FAULT_RELEASE exists (a safe point for a Ctrl-C to land);
-#   FAULT_MODE=fsize FAULT_ARG=N: writing a file past N bytes fails with EFBIG (as
-#     writing to a full disk fails with ENOSPC), through the real write path.
-FAULT_WRAPPER = """\
-import os, pathlib, signal, sys, time
-
-sys.path.insert(0, os.getcwd())
-import orbax.checkpoint as ocp
-
-import train
-from chatgot_jax import data
-
-MODE, ARG = os.environ["FAULT_MODE"], int(os.environ["FAULT_ARG"])
-if MODE == "die-in-save":
-    real_save_fn = ocp.handlers.JsonCheckpointHandler._save_fn
-
-    async def save_fn(self, x, directory):
-        if f"/{ARG}.orbax-checkpoint-tmp" in str(directory):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return await real_save_fn(self, x, directory)
-
-    ocp.handlers.JsonCheckpointHandler._save_fn = save_fn
-elif MODE == "park":
-    real_get_batch = data.get_batch
-
-    def get_batch(tokens, *, step, **kwargs):
-        if step == ARG:
-            pathlib.Path(os.environ["FAULT_MARKER"]).touch()
-            release = pathlib.Path(os.environ["FAULT_RELEASE"])
-            deadline = time.monotonic() + 120
-            while not release.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        return real_get_batch(tokens, step=step, **kwargs)
-
-    data.get_batch = get_batch
-elif MODE == "fsize":
-    import resource
-
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (ARG, ARG))
-else:
-    raise SystemExit(f"unknown FAULT_MODE {MODE}")
-train.main(sys.argv[1:])
-"""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -105,8 +57,8 @@ def argv(run_dir, corpus, *flags):
 
 
 def config_for(args):
-    parsed, overrides = train.parse_args(args)
-    return config_lib.load_config(parsed.variant, parsed.config, overrides)
+    parsed = train.build_parser().parse_intermixed_args(args)
+    return config_lib.load_config(parsed.variant, parsed.config, train.overrides_of(parsed))
 
 
 def runs_in_metrics(run_dir):
@@ -211,17 +163,6 @@ def warning_lines(stderr):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    names = ["JON SNOW", "ARYA", "TYRION", "CERSEI"]
-    words = "winter is coming the north remembers a lannister always pays his debts".split()
-    lines = [f"{names[i % 4]}: {' '.join(rng.choice(words, 7))}." for i in range(300)]
-    path = tmp_path_factory.mktemp("corpus") / "scripts.txt"
-    path.write_text("\n\n".join(lines), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def baseline(corpus, tmp_path_factory):
     """The uninterrupted run: (run dir, {step: loss}, final params)."""
     run_dir = tmp_path_factory.mktemp("faults") / "baseline"
@@ -311,10 +252,8 @@ def test_half_written_checkpoints_are_never_loaded(baseline, corpus, tmp_path, c
 def test_kill_9_inside_a_save(baseline, corpus, tmp_path, capsys):
     """A real SIGKILL while orbax writes checkpoint 6, then the same command again."""
     run_dir = tmp_path / "killed-save"
-    wrapper = tmp_path / "fault_wrapper.py"
-    wrapper.write_text(FAULT_WRAPPER)
     args = argv(run_dir, corpus)
-    code, _, stderr = run_bounded([sys.executable, str(wrapper), *args], tmp_path,
+    code, _, stderr = run_bounded([sys.executable, WRAPPER, *args], tmp_path,
                                   "killed-save", env={"FAULT_MODE": "die-in-save",
                                                       "FAULT_ARG": "6"})
     assert code == -signal.SIGKILL, stderr[-2000:]
@@ -454,14 +393,14 @@ def fail_second_manager_save(monkeypatch):
 
 def fail_meta_write_of_step_4(monkeypatch):
     """Deeper: orbax's own write of checkpoint 4's meta item fails with ENOSPC."""
-    real_save_fn = ocp.handlers.JsonCheckpointHandler._save_fn
+    real_async_save = ocp.handlers.JsonCheckpointHandler.async_save
 
-    async def save_fn(self, x, directory):
+    async def async_save(self, directory, *args, **kwargs):
         if f"/4{TMP_SUFFIX}" in str(directory):
             raise OSError(errno.ENOSPC, "No space left on device", str(directory))
-        return await real_save_fn(self, x, directory)
+        return await real_async_save(self, directory, *args, **kwargs)
 
-    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", save_fn)
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", async_save)
 
 
 @pytest.mark.parametrize("inject", [fail_second_manager_save, fail_meta_write_of_step_4],
@@ -494,11 +433,9 @@ def test_real_write_error_while_saving_arrays(baseline, corpus, tmp_path):
     """No mock: the array data files cannot be written (RLIMIT_FSIZE makes write() fail with
     EFBIG, through TensorStore's real write path, as a full disk fails with ENOSPC)."""
     run_dir = tmp_path / "fsize"
-    wrapper = tmp_path / "fault_wrapper.py"
-    wrapper.write_text(FAULT_WRAPPER)
     env = {**os.environ, "FAULT_MODE": "fsize", "FAULT_ARG": str(32 * 1024)}
     # pipes, not files: the size limit would truncate files the child writes its output to
-    proc = subprocess.Popen([sys.executable, str(wrapper), *argv(run_dir, corpus)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, WRAPPER, *argv(run_dir, corpus)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
@@ -534,13 +471,11 @@ def ctrl_c_in_process_at_micro_step(monkeypatch, micro_step):
 
 def test_ctrl_c_saves_once_and_resumes(corpus, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "ctrl-c"
-    wrapper = tmp_path / "fault_wrapper.py"
-    wrapper.write_text(FAULT_WRAPPER)
     marker, release = tmp_path / "parked", tmp_path / "release"
     args = argv(run_dir, corpus, "--max-steps", "1000", "--save-every", "500")
     env = {"FAULT_MODE": "park", "FAULT_ARG": "5", "FAULT_MARKER": str(marker),
            "FAULT_RELEASE": str(release)}
-    with spawn([sys.executable, str(wrapper), *args], tmp_path, "ctrl-c", env) as (
+    with spawn([sys.executable, WRAPPER, *args], tmp_path, "ctrl-c", env) as (
             proc, out, err):
         wait_for(lambda: marker.exists() and len(logged_steps(run_dir)) >= 5, proc, err,
                  "5 logged steps")

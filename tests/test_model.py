@@ -11,7 +11,7 @@ import pytest
 
 from chatgot_jax import model as M
 from chatgot_jax.config import REMAT_POLICIES, ModelConfig
-from chatgot_jax.params import count_params
+from chatgot_jax.tools.params import count_params
 from conftest import MICRO
 
 
@@ -45,7 +45,7 @@ def test_design_doc_figures():
 
 
 def test_params_cli_last_line(capsys):
-    from chatgot_jax.params import main
+    from chatgot_jax.tools.params import main
     main(["--variant", "small", "--memory"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == "total: 114356832"
 

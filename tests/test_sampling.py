@@ -186,12 +186,12 @@ def test_compiles_once_per_bucket(tok, model):
 @pytest.mark.parametrize("prompt, kw, flag", [
     ("To ж be ß", {}, "'ß', 'ж'"),
     ("", {}, "empty"),
-    (PROMPT, dict(max_new_tokens=0), "--max-new-tokens"),
-    (PROMPT, dict(temperature=-1.0), "--temperature"),
-    (PROMPT, dict(top_p=0.0), "--top-p"),
-    (PROMPT, dict(top_p=1.5), "--top-p"),
-    (PROMPT, dict(top_k=-1), "--top-k"),
-    (PROMPT, dict(num_samples=0), "--num-samples"),
+    (PROMPT, dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+    (PROMPT, dict(temperature=-1.0), "temperature must be >= 0"),
+    (PROMPT, dict(top_p=0.0), "top_p must be in"),
+    (PROMPT, dict(top_p=1.5), "top_p must be in"),
+    (PROMPT, dict(top_k=-1), "top_k must be >= 0"),
+    (PROMPT, dict(num_samples=0), "num_samples must be at least 1"),
 ])
 def test_bad_inputs(tok, model, prompt, kw, flag):
     cfg, params = model

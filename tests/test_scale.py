@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -15,11 +16,11 @@ from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
 from chatgot_jax import train_lib
+from chatgot_jax.tools.params import planned_bytes_per_device, state_bytes_per_device
+from conftest import MICRO_OVERRIDES, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = ["model.d_model=32", "model.n_layers=2", "model.n_head=4", "model.d_hid=64",
-         "model.max_seq_length=32", "model.vocab_size=48", "train.batch_size=8",
-         "train.warmup_steps=1", "train.lr=1e-2"]
+MICRO = MICRO_OVERRIDES + ["model.vocab_size=48", "train.batch_size=8",
+                           "train.warmup_steps=1", "train.lr=1e-2"]
 
 
 def five_step_losses(data: int, fsdp: int):
@@ -48,14 +49,14 @@ def test_sharded_runs_match_one_device(one_device, data, fsdp):
     print(f"mesh data={data} fsdp={fsdp}: losses {losses}")
     np.testing.assert_allclose(losses, one_device[0], rtol=2e-5)
     qkv = state["params"]["blocks"]["qkv"]["kernel"]  # (L=2, D=32, 3D=96)
-    mu = state["opt_state"].inner_opt_state[1][0].mu["blocks"]["qkv"]["kernel"]
+    mu = optax.tree_utils.tree_get(state["opt_state"], "mu")["blocks"]["qkv"]["kernel"]
     expected = P() if fsdp == 1 else P(None, None, "fsdp")  # largest dim that fsdp divides
     assert qkv.sharding.spec == expected and mu.sharding.spec == expected
-    held = train_lib.state_bytes_per_device(state)
+    held = state_bytes_per_device(state)
     total = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
     assert held["params"] < total / fsdp * 1.2 if fsdp > 1 else held["params"] == total
     cfg = config_lib.load_config("tiny", overrides=MICRO)
-    assert train_lib.planned_bytes_per_device(cfg, fsdp) == held  # the no-device estimate
+    assert planned_bytes_per_device(cfg, fsdp) == held  # the no-device estimate
 
 
 def test_batch_must_divide_devices():
@@ -73,7 +74,7 @@ def _free_port() -> int:
 def _train_cmd(corpus, out, *extra):
     return [sys.executable, os.path.join(ROOT, "train.py"), "--data", str(corpus),
             "--out", str(out), "--max-steps", "4", "--eval-every", "2", "--save-every", "2",
-            *MICRO[:5], "train.batch_size=8", "train.log_every=1", "train.eval_windows=8",
+            *MICRO_OVERRIDES, "train.batch_size=8", "train.log_every=1", "train.eval_windows=8",
             "train.sample_tokens=8", *extra]
 
 

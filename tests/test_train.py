@@ -16,29 +16,12 @@ from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
 from chatgot_jax import train_lib, trainer
 from chatgot_jax.optim import decay_mask, lr_schedule
+from conftest import MICRO_OVERRIDES, micro_config
 
-MICRO_OVERRIDES = ["model.d_model=32", "model.n_layers=2", "model.n_head=4", "model.d_hid=64",
-                   "model.max_seq_length=32"]
 RUN_OVERRIDES = MICRO_OVERRIDES + [
     "train.batch_size=8", "train.max_steps=6", "train.warmup_steps=2", "train.eval_every=3",
     "train.save_every=3", "train.log_every=1", "train.eval_windows=8", "train.sample_tokens=8",
     "train.lr=1e-2", "mesh.data=1"]
-
-
-def micro_config(*extra):
-    return config_lib.load_config("tiny", overrides=MICRO_OVERRIDES + list(extra))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small inline corpus in the scripts' SPEAKER: line format."""
-    rng = np.random.default_rng(0)
-    names = ["JON SNOW", "ARYA", "TYRION"]
-    words = "winter is coming the north remembers a lannister always pays his debts".split()
-    lines = [f"{names[i % 3]}: {' '.join(rng.choice(words, 8))}." for i in range(300)]
-    path = tmp_path_factory.mktemp("corpus") / "scripts.txt"
-    path.write_text("\n\n".join(lines), encoding="utf-8")
-    return str(path)
 
 
 def train_losses(run_dir) -> dict[int, float]:
@@ -100,7 +83,7 @@ def baseline_run(corpus, tmp_path_factory):
     """An uninterrupted 6-step run on one device."""
     run_dir = tmp_path_factory.mktemp("runs") / "baseline"
     cfg = config_lib.load_config("tiny", overrides=RUN_OVERRIDES)
-    summary = trainer.train_and_evaluate(cfg, corpus, str(run_dir))
+    summary = trainer.train_and_evaluate(cfg, str(corpus), str(run_dir))
     return run_dir, summary
 
 
@@ -135,10 +118,10 @@ def test_resume_is_exact(baseline_run, corpus, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ckpt, "save", save_then_interrupt)
-    first = trainer.train_and_evaluate(cfg, corpus, str(run_dir))
+    first = trainer.train_and_evaluate(cfg, str(corpus), str(run_dir))
     assert first["interrupted"] and first["steps"] == 3
     monkeypatch.setattr(ckpt, "save", real_save)
-    trainer.train_and_evaluate(cfg, corpus, str(run_dir))
+    trainer.train_and_evaluate(cfg, str(corpus), str(run_dir))
     resumed, expected = train_losses(run_dir), train_losses(baseline_run[0])
     assert [resumed[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
     first_run, second_run = read_events(run_dir)  # the resumed run purges TensorBoard after step 3
@@ -148,7 +131,7 @@ def test_resume_is_exact(baseline_run, corpus, tmp_path, monkeypatch):
 
 def test_four_devices_match_one(baseline_run, corpus, tmp_path):
     cfg = config_lib.load_config("tiny", overrides=RUN_OVERRIDES + ["mesh.data=4"])
-    trainer.train_and_evaluate(cfg, corpus, str(tmp_path / "four"))
+    trainer.train_and_evaluate(cfg, str(corpus), str(tmp_path / "four"))
     four, one = train_losses(tmp_path / "four"), train_losses(baseline_run[0])
     np.testing.assert_allclose([four[s] for s in one], list(one.values()), rtol=2e-5)
 

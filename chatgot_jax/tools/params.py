@@ -1,15 +1,17 @@
-"""Parameter accounting from the real (abstract) params: python -m chatgot_jax.params --variant small
+"""Parameter accounting from the real (abstract) params: python -m chatgot_jax.tools.params --variant small
 
-Prints the design doc's table, computed with jax.eval_shape (nothing allocated).
-The last line is `total: N`.
+Prints the design doc's table, computed with jax.eval_shape (nothing allocated),
+and with --fsdp the bytes of params and optimizer state per device. The last
+line is `total: N`.
 """
 
 import math
 
 import jax
 
+from chatgot_jax import cli
 from chatgot_jax import config as config_lib
-from chatgot_jax.errors import ArgumentParser, cli_main
+from chatgot_jax import train_lib
 from chatgot_jax.model import param_shapes
 
 GROUPS = ("token embeddings", "position embeddings", "attention", "feed-forward",
@@ -53,9 +55,35 @@ def table(counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-@cli_main
-def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+def planned_bytes_per_device(cfg: config_lib.Config, fsdp: int) -> dict:
+    """Bytes of params and optimizer state per device under fsdp-way sharding (no devices needed)."""
+    abstract = train_lib.abstract_state(cfg)
+    out = {}
+    for part in ("params", "opt_state"):
+        total = 0
+        for leaf in jax.tree.leaves(abstract[part]):
+            spec = train_lib.leaf_spec(leaf.shape, fsdp)
+            shard = [n // fsdp if axis == "fsdp" else n
+                     for n, axis in zip(leaf.shape, tuple(spec) + (None,) * leaf.ndim)]
+            total += math.prod(shard) * leaf.dtype.itemsize
+        out[part] = total
+    return out
+
+
+def state_bytes_per_device(state) -> dict:
+    """Bytes of params and optimizer state held by each device (from the shardings)."""
+    out = {}
+    for part in ("params", "opt_state"):
+        total = 0
+        for leaf in jax.tree.leaves(state[part]):
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            total += math.prod(shard) * leaf.dtype.itemsize
+        out[part] = total
+    return out
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="tiny", help="configs/VARIANT.yaml (default tiny)")
     p.add_argument("--memory", action="store_true",
                    help="count the original's zero-memory cross-attention sublayers")
@@ -63,7 +91,10 @@ def main(argv=None):
     p.add_argument("--fsdp", type=int, nargs="*", metavar="N",
                    help="also print params + AdamW state bytes per device with N-way FSDP")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.n_layers=6")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> None:
     overrides = [f"model.vocab_size={args.vocab_size}", *args.overrides]
     if args.memory:
         overrides.append("model.memory=true")
@@ -73,12 +104,13 @@ def main(argv=None):
           f"d_hid {m.d_hid}, context {m.max_seq_length}, vocab {m.vocab_size}, "
           f"memory {'on' if m.memory else 'off'}")
     for n in args.fsdp or ():
-        from chatgot_jax.train_lib import planned_bytes_per_device  # noqa: PLC0415
         b = planned_bytes_per_device(cfg, n)
         print(f"fsdp {n}: params {b['params'] / 2**20:,.1f} MiB + optimizer state "
               f"{b['opt_state'] / 2**20:,.1f} MiB per device")
     print(table(count_params(m)))
 
+
+main = cli.entry_point(build_parser, run)
 
 if __name__ == "__main__":
     main()

@@ -12,9 +12,9 @@ a final LayerNorm `ln_f` and an untied output Linear `head` with bias.
     model = build(cfg.model, "decoder").eval()
     logits_BxTxV = model(tokens_BxT)
 
-This module imports torch: only convert.py, the tests and the benchmarks import
-it (pip install -r requirements-torch.txt); `import chatgot_jax` never does.
-Weight conversion lives in chatgot_jax/convert.py, not here.
+This module imports torch (pip install -r requirements-torch.txt): the tests and
+the benchmarks import it; the core library never does. Weight conversion lives
+in chatgot_jax/torch_weights.py.
 """
 
 import functools
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("decoder", "encoder")
+from chatgot_jax.torch_weights import LAYOUTS
 
 
 class ChatGoT(nn.Module):

@@ -1,4 +1,4 @@
-"""Benchmarks: python -m chatgot_jax.bench --variant tiny [section.field=value ...] [--steps N]
+"""Benchmarks: python -m chatgot_jax.tools.bench --variant tiny [section.field=value ...] [--steps N]
 
 train (default)  the real jitted train step (dropout, AdamW, MultiSteps,
                  shardings) after warm-up: compile time, median and spread of
@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatgot_jax import cli, train_lib
 from chatgot_jax import config as config_lib
-from chatgot_jax import plot, train_lib
-from chatgot_jax.errors import ArgumentParser, UserError, cli_main
-from chatgot_jax.params import count_params
+from chatgot_jax.errors import UserError
+from chatgot_jax.tools import plot, report
+from chatgot_jax.tools.params import count_params, state_bytes_per_device
 
 # Dense peak FLOP/s per device: (bfloat16, float32). float32 matmuls on these GPUs
 # run as TF32 under XLA's default precision, so float32 uses the TF32 peak.
@@ -109,7 +110,7 @@ class JaxTrainer:
         self.info = {"compile_s": time.perf_counter() - t0, **memory_figures(self.compiled),
                      "devices": self.mesh.devices.size, "device": jax.devices()[0].device_kind,
                      "batch": B, "seq_len": T, "params": sum(count_params(cfg.model).values())}
-        per_device = train_lib.state_bytes_per_device(self.state)
+        per_device = state_bytes_per_device(self.state)
         self.info.update({f"{k}_bytes_per_device": v for k, v in per_device.items()})
 
     def run(self, n: int) -> list[float]:
@@ -139,7 +140,7 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, compile_only: b
         return result
     runners = [jx]
     if torch:
-        from chatgot_jax import bench_torch  # imports torch
+        from chatgot_jax.tools import bench_torch  # imports torch
         runners.append(bench_torch.TorchTrainer(cfg, jax.devices()[0].platform))
         result.update(runners[1].info)
     for runner in runners:
@@ -221,7 +222,7 @@ def parse_grid(text: str) -> list[list[str]]:
 
 
 def child_argv(args, point: list[str], json_path: str) -> list[str]:
-    argv = [sys.executable, "-m", "chatgot_jax.bench", "--variant", args.variant,
+    argv = [sys.executable, "-m", "chatgot_jax.tools.bench", "--variant", args.variant,
             "--mode", args.mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--num-samples", str(args.num_samples), "--prompt-len", str(args.prompt_len),
             "--json", json_path]
@@ -235,7 +236,7 @@ def child_argv(args, point: list[str], json_path: str) -> list[str]:
 def run_grid(args, points: list[list[str]]) -> list[dict]:
     """Each point in a fresh interpreter; a failed point gets {"error": last stderr line}."""
     env = dict(os.environ)
-    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,9 +256,8 @@ def run_grid(args, points: list[list[str]]) -> list[dict]:
     return results
 
 
-@cli_main
-def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="tiny")
     p.add_argument("--mode", choices=("train", "sample"), default="train")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
@@ -276,7 +276,10 @@ def main(argv=None):
     p.add_argument("--out-png", default="bench-grid.png", help="grid: bar chart")
     p.add_argument("--json", help="write the result to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args):
     for name in ("steps", "num_samples", "rounds", "new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -294,7 +297,7 @@ def main(argv=None):
         out = bench_train(cfg, args.steps, args.warmup, args.compile_only, args.torch,
                           args.rounds or (4 if args.torch else 1))
     result = {"variant": args.variant, "mode": args.mode, "overrides": args.overrides, **out}
-    print("\n".join(plot.report_lines(result)))
+    print("\n".join(report.report_lines(result)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -309,13 +312,16 @@ def grid_main(args) -> list[dict]:
     ok = [r for r in results if "error" not in r]
     where = f" on {ok[0]['devices']} x {ok[0]['device']}" if ok else ""
     title = f"{args.variant} {args.mode} {' '.join(args.overrides)}{where}".replace("  ", " ")
-    pathlib.Path(args.out_md).write_text(plot.grid_markdown(points, results, title))
+    pathlib.Path(args.out_md).write_text(report.grid_markdown(points, results, title))
     plot.grid_chart(points, results, args.out_png, title)
     print(f"wrote {args.out_md} and {args.out_png}")
     return results
 
 
+main = cli.entry_point(build_parser, run)
+
 if __name__ == "__main__":
-    from chatgot_jax.allocator import use_tcmalloc
-    use_tcmalloc()  # as train.py does, so that the figures are what users get
-    sys.exit(main() and 0)
+    from chatgot_jax.cpu_tuning import prepare_process
+
+    prepare_process()  # as train.py does, so that the figures are what users get
+    main()

@@ -1,81 +1,18 @@
-"""Training curves: python -m chatgot_jax.plot RUN_DIR [RUN_DIR ...] [--out curves.png]
+"""Training curves: python -m chatgot_jax.tools.plot RUN_DIR [RUN_DIR ...] [--out curves.png]
 
 Draws, from each RUN_DIR/metrics.jsonl, the training loss (nats/char) and the
 validation bits/char against optimizer steps, trained tokens and wall time (a
 2 x 3 grid), one line per run labelled by its directory name, into one PNG.
-Also the benchmark's tables and the --grid bar chart (used by bench.py).
-matplotlib is imported only when a figure is drawn (the Agg backend, no display).
+Also the benchmark's --grid bar chart (used by bench.py). matplotlib is
+imported only when a figure is drawn (the Agg backend, no display).
 """
 
 import json
 import math
 import pathlib
 
-from chatgot_jax.errors import ArgumentParser, UserError, cli_main
-
-# Benchmark result columns: (result key, title, format); *_bytes values show in GiB.
-COLUMNS = [("compile_s", "compile s", "{:.1f}"), ("step_ms", "step ms", "{:.1f}"),
-           ("step_ms_p10", "p10", "{:.1f}"), ("step_ms_p90", "p90", "{:.1f}"),
-           ("tokens_per_s", "tokens/s", "{:,.0f}"), ("flops_per_token", "FLOPs/token", "{:.3g}"),
-           ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU", "{:.1%}"),
-           ("temp_bytes", "temp GiB", "{:.3f}"), ("argument_bytes", "args GiB", "{:.3f}")]
-TORCH_COLUMNS = [("torch_step_ms", "torch step ms", "{:.1f}"),
-                 ("torch_tokens_per_s", "torch tokens/s", "{:,.0f}"),
-                 ("jax_torch_ratio", "JAX/PyTorch", "{:.2f}x")]
-SAMPLE_COLUMNS = [("compile_s", "warm-up s", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
-                  ("decode_tokens_per_s", "decode tokens/s", "{:,.0f}"),
-                  ("first_token_ms", "first token ms", "{:.1f}"),
-                  ("decode_ms_per_step", "ms/decode step", "{:.2f}")]
-
-
-def columns_for(results: list[dict]) -> list[tuple]:
-    """Sample columns for sample results, else train columns (+ PyTorch ones if present)."""
-    if any(r.get("mode") == "sample" for r in results):
-        return SAMPLE_COLUMNS
-    torch = any("jax_torch_ratio" in r for r in results)
-    return COLUMNS + (TORCH_COLUMNS if torch else [])
-
-
-def cell(r: dict, key: str, fmt: str) -> str:
-    v = r.get(key)
-    if v is None:
-        return "-"
-    return fmt.format(v / 2 ** 30 if key.endswith("_bytes") else v)
-
-
-def format_row(r: dict) -> str:
-    """'title value | title value ...' for one benchmark result."""
-    return " | ".join(f"{title} {cell(r, key, fmt)}" for key, title, fmt in columns_for([r]))
-
-
-def report_lines(r: dict) -> list[str]:
-    """What the benchmark prints for one result: where, the row, then MFU or PyTorch notes."""
-    lines = [f"{r['variant']} {' '.join(r['overrides'])} on {r['devices']} x {r['device']}, "
-             f"batch {r['batch']} x {r['seq_len']}".replace("  ", " ")
-             + (f", {r['new_tokens']} new tokens" if r.get("mode") == "sample" else ""),
-             format_row(r)]
-    if "peak_source" in r:
-        lines.append(f"MFU against {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})")
-    if "jax_torch_ratio" in r:
-        lines.append(f"JAX {r['tokens_per_s']:,.0f} tokens/s vs PyTorch "
-                     f"{r['torch_tokens_per_s']:,.0f} tokens/s ({r['torch_layout']} layout, "
-                     f"{r['torch_threads']} threads): JAX/PyTorch {r['jax_torch_ratio']:.2f}x, "
-                     f"medians of {r['timed_steps']} steps each")
-    return lines
-
-
-def grid_markdown(points: list[list[str]], results: list[dict], title: str) -> str:
-    """A markdown table: one column per grid axis, then the result columns."""
-    keys = [o.partition("=")[0] for o in points[0]]
-    columns = columns_for([r for r in results if "error" not in r] or [{}])
-    lines = [f"# {title}", "", "| " + " | ".join(keys + [c[1] for c in columns]) + " |",
-             "|" + "---|" * (len(keys) + len(columns))]
-    for point, r in zip(points, results):
-        values = [o.partition("=")[2] for o in point]
-        cells = ([f"failed: {r['error']}"] + [""] * (len(columns) - 1) if "error" in r
-                 else [cell(r, key, fmt) for key, _, fmt in columns])
-        lines.append("| " + " | ".join(values + cells) + " |")
-    return "\n".join(lines) + "\n"
+from chatgot_jax import cli
+from chatgot_jax.errors import UserError
 
 
 def new_figure(rows: int, cols: int, size: tuple[float, float]):
@@ -179,17 +116,21 @@ def run_labels(dirs: list[pathlib.Path]) -> list[str]:
     return [d.name if names.count(d.name) == 1 else str(d) for d in dirs]
 
 
-@cli_main
-def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> None:
     dirs = [pathlib.Path(d) for d in args.run_dirs]
     runs = {label: read_metrics(d) for label, d in zip(run_labels(dirs), dirs)}
     plot_curves(runs, args.out)
     print(f"wrote {args.out}")
 
+
+main = cli.entry_point(build_parser, run)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
-"""The PyTorch baseline of `python -m chatgot_jax.bench --torch`: the original model in torch.nn.
+"""The PyTorch baseline of `python -m chatgot_jax.tools.bench --torch`: the original model in torch.nn.
 
-Same shapes and dropout as the JAX config (chatgot_jax/torch_model.py, layout
+Same shapes and dropout as the JAX config (chatgot_jax/tools/torch_model.py, layout
 `encoder`, or `decoder` with model.memory=true), float32, train mode, and
 torch.optim.AdamW with the JAX run's lr, betas, eps (1e-8) and weight decay on
 the same parameters (matrices and embeddings, not biases or LayerNorms).
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chatgot_jax import torch_model
+from chatgot_jax.tools import torch_model
 from chatgot_jax.config import Config
 
 

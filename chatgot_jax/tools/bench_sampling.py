@@ -1,4 +1,4 @@
-"""Cached sampling vs full recompute: python -m chatgot_jax.bench_sampling [tiny1 tiny8 small1 small8]
+"""Cached sampling vs full recompute: python -m chatgot_jax.tools.bench_sampling [tiny1 tiny8 small1 small8]
 
 Random weights, float32, remat none, no dropout. Cached: per-token decode time
 = (t(1 + n) - t(1)) / n, where t(k) is a warm generate_ids call producing k
@@ -11,15 +11,16 @@ tokens/s = batch / step time. The two are measured in alternating rounds
 each figure is the median over rounds. Prints a markdown table.
 """
 import dataclasses
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chatgot_jax import sampling
+from chatgot_jax import cli, sampling
 from chatgot_jax.config import load_config
+from chatgot_jax.cpu_tuning import sampling_compiler_options
+from chatgot_jax.errors import UserError
 from chatgot_jax.model import Decoder, init_params
 
 
@@ -41,7 +42,7 @@ def bench(variant, batch, n_dec, n_rec, rounds=5):
     run(2)  # compiles prefill + decode
     L = S - 100
     fwd = jax.jit(lambda p, t: Decoder(m).apply({"params": p}, t)[:, -1].argmax(-1),
-                  compiler_options=sampling.compiler_options())  # same XLA options as cached
+                  compiler_options=sampling_compiler_options())  # same XLA options as cached
     tok = jnp.asarray(np.tile(np.resize(prompt, L), (batch, 1)), jnp.int32)
     np.asarray(fwd(params, tok))  # compile
     pre, dec, rec = [], [], []
@@ -57,16 +58,33 @@ def bench(variant, batch, n_dec, n_rec, rounds=5):
           f"| {dec_tps / rec_tps:5.1f}x | {tps200 / rec_tps:5.1f}x |", flush=True)
 
 
-def main():
+# case -> (variant, batch, decode steps timed, recompute steps timed)
+PLAN = {"tiny1": ("tiny", 1, 199, 10), "tiny8": ("tiny", 8, 199, 5),
+        "small1": ("small", 1, 32, 2), "small8": ("small", 8, 16, 1)}
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("cases", nargs="*", metavar="CASE",
+                   help=f"any of {', '.join(PLAN)} (default: all)")
+    return p
+
+
+def run(args) -> None:
+    unknown = [c for c in args.cases if c not in PLAN]
+    if unknown:
+        raise UserError(f"unknown case {unknown[0]}: choose from {', '.join(PLAN)}")
     print("| variant | context S | batch | cached ms/step | cached decode tok/s | prefill s (P=S-201) "
           "| cached tok/s, 200 tok incl. prefill | recompute ms/step | recompute tok/s "
           "| speedup decode | speedup 200 tok |", flush=True)
-    which = sys.argv[1:] or ["tiny1", "tiny8", "small1", "small8"]
-    plan = {"tiny1": ("tiny", 1, 199, 10), "tiny8": ("tiny", 8, 199, 5),
-            "small1": ("small", 1, 32, 2), "small8": ("small", 8, 16, 1)}
-    for w in which:
-        bench(*plan[w])
+    for case in args.cases or list(PLAN):
+        bench(*PLAN[case])
 
+
+main = cli.entry_point(build_parser, run)
 
 if __name__ == "__main__":
+    from chatgot_jax.cpu_tuning import prepare_process
+
+    prepare_process()
     main()

@@ -1,0 +1,112 @@
+"""What a run logs: the train step's metrics buffered on device, and the run's log files.
+
+    MetricsBuffer  device metrics -> one host sync per log interval; stops a diverged run
+    Logger         RUN_DIR/metrics.jsonl and TensorBoard event files (process 0)
+"""
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from chatgot_jax.errors import Diverged
+
+
+class Logger:
+    """metrics.jsonl and TensorBoard event files in the run dir, on process 0.
+
+    Prints go through tqdm so the bar stays intact. TensorBoard gets the fields
+    named in TAGS as scalars at the record's step (train/loss, val/bpc, ...) and
+    the samples as text; on resume, events after the resumed step are purged so
+    the curves do not double back.
+    """
+
+    TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+            "grad_norm": "train/grad_norm", "val_loss": "val/loss", "val_bpc": "val/bpc"}
+
+    def __init__(self, run_dir: pathlib.Path, enabled: bool, start_step: int = 0):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 (import cost)
+            self.tb = SummaryWriter(str(run_dir), purge_step=start_step or None, flush_secs=10)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, tag in self.TAGS.items():
+            if name in record and math.isfinite(record[name]):
+                self.tb.add_scalar(tag, record[name], record["step"])
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text, step)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class MetricsBuffer:
+    """The train step's device metrics since the last flush, fetched in one host sync.
+
+    add() queues a micro-step's metrics without waiting, except for the first of
+    the run, whose wall time (compilation included) it returns. flush() fetches
+    the queue, raises Diverged on a non-finite loss or gradient norm, and returns
+    one record: mean loss and gradient norm, the last lr, tokens/s since the last
+    flush or restart_clock() (the first step is not timed).
+    """
+
+    def __init__(self, tokens_per_micro: int):
+        self.tokens_per_micro = tokens_per_micro
+        self.pending = []
+        self.t_last = time.time()
+        self.untimed = 0
+        self.first_step_s = None
+
+    def add(self, metrics) -> float | None:
+        self.pending.append(metrics)
+        if self.first_step_s is not None:
+            return None
+        jax.block_until_ready(metrics)
+        self.first_step_s = time.time() - self.t_last
+        self.t_last, self.untimed = time.time(), 1
+        return self.first_step_s
+
+    def restart_clock(self) -> None:
+        """Evaluation and saving are not training time."""
+        self.t_last = time.time()
+
+    def drop(self) -> None:
+        self.pending = []
+
+    def flush(self) -> dict | None:
+        if not self.pending:
+            return None
+        fetched = jax.device_get(self.pending)
+        for m in fetched:
+            # The loss of step N is computed before update N: a non-finite gradient
+            # with a finite loss has already made the state non-finite.
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = (f"the loss became {loss}" if not math.isfinite(loss)
+                        else f"the gradient norm became {grad_norm}")
+                raise Diverged(f"{what} at step {int(m['opt_step'])}")
+        now = time.time()
+        timed = len(fetched) - self.untimed
+        tok_s = timed * self.tokens_per_micro / (now - self.t_last) if timed else float("nan")
+        self.pending, self.t_last, self.untimed = [], now, 0
+        return {"loss": float(np.mean([m["loss"] for m in fetched])),
+                "lr": float(fetched[-1]["lr"]), "tokens_per_s": tok_s,
+                "grad_norm": float(np.mean([m["grad_norm"] for m in fetched]))}

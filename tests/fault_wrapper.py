@@ -1,0 +1,63 @@
+"""Runs train.py with one fault injected (used by test_faults.py as a subprocess).
+
+    python tests/fault_wrapper.py TRAIN_ARGS...   (from the repository root)
+
+FAULT_MODE=die-in-save FAULT_ARG=N: SIGKILL in the middle of writing checkpoint N
+  (when Orbax starts writing the "meta" item into N.orbax-checkpoint-tmp);
+FAULT_MODE=park FAULT_ARG=N: before micro-batch N is drawn, touch FAULT_MARKER and
+  wait until FAULT_RELEASE exists (a safe point for a Ctrl-C to land);
+FAULT_MODE=fsize FAULT_ARG=N: writing a file past N bytes fails with EFBIG (as
+  writing to a full disk fails with ENOSPC), through the real write path.
+"""
+
+import os
+import pathlib
+import resource
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.getcwd())
+
+import orbax.checkpoint as ocp  # noqa: E402
+
+import train  # noqa: E402
+from chatgot_jax import data  # noqa: E402
+
+
+def die_while_saving(step: int) -> None:
+    real_async_save = ocp.handlers.JsonCheckpointHandler.async_save
+
+    async def async_save(self, directory, *args, **kwargs):
+        if f"/{step}.orbax-checkpoint-tmp" in str(directory):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await real_async_save(self, directory, *args, **kwargs)
+
+    ocp.handlers.JsonCheckpointHandler.async_save = async_save
+
+
+def park_before(micro_step: int) -> None:
+    real_get_batch = data.get_batch
+
+    def get_batch(tokens, *, step, **kwargs):
+        if step == micro_step:
+            pathlib.Path(os.environ["FAULT_MARKER"]).touch()
+            release = pathlib.Path(os.environ["FAULT_RELEASE"])
+            deadline = time.monotonic() + 120
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real_get_batch(tokens, step=step, **kwargs)
+
+    data.get_batch = get_batch
+
+
+def limit_file_size(n_bytes: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+
+
+FAULTS = {"die-in-save": die_while_saving, "park": park_before, "fsize": limit_file_size}
+
+if __name__ == "__main__":
+    FAULTS[os.environ["FAULT_MODE"]](int(os.environ["FAULT_ARG"]))
+    train.main(sys.argv[1:])

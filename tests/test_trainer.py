@@ -1,0 +1,81 @@
+"""The training loop's named pieces, driven directly: MetricsBuffer, StopOnSigint, step_between_updates."""
+
+import math
+import os
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chatgot_jax import train_lib, trainer
+from chatgot_jax.errors import Diverged
+from chatgot_jax.metrics import MetricsBuffer
+from conftest import micro_config
+
+
+def metrics(loss, grad_norm=1.0, lr=1e-3, opt_step=1):
+    return {"loss": jnp.float32(loss), "grad_norm": jnp.float32(grad_norm),
+            "lr": jnp.float32(lr), "opt_step": jnp.int32(opt_step)}
+
+
+def test_metrics_buffer_averages_and_times_all_but_the_first_step():
+    buffer = MetricsBuffer(tokens_per_micro=100)
+    assert buffer.flush() is None  # nothing queued
+    first = buffer.add(metrics(4.0, grad_norm=2.0))
+    assert first is not None and first >= 0  # the run's first step waits and is timed alone
+    assert buffer.add(metrics(2.0, grad_norm=4.0, lr=5e-4)) is None
+    record = buffer.flush()
+    assert record["loss"] == 3.0 and record["grad_norm"] == 3.0
+    assert math.isclose(record["lr"], 5e-4, rel_tol=1e-6)  # the last step's lr
+    assert record["tokens_per_s"] > 0  # one timed step of 100 tokens
+    assert buffer.flush() is None
+    buffer.add(metrics(1.0))
+    buffer.drop()
+    assert buffer.flush() is None
+
+
+@pytest.mark.parametrize("loss, grad_norm, what", [
+    (float("nan"), 1.0, "the loss became nan at step 7"),
+    (1.0, float("inf"), "the gradient norm became inf at step 7"),
+])
+def test_metrics_buffer_stops_on_a_non_finite_step(loss, grad_norm, what):
+    buffer = MetricsBuffer(tokens_per_micro=1)
+    buffer.add(metrics(2.0, opt_step=6))
+    buffer.add(metrics(loss, grad_norm=grad_norm, opt_step=7))
+    with pytest.raises(Diverged, match=what):
+        buffer.flush()
+
+
+def test_stop_on_sigint_asks_once_then_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    with trainer.StopOnSigint() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested  # the first Ctrl-C only asks the loop to stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second one stops at once
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_step_between_updates():
+    cfg = micro_config("train.grad_accum=2", "mesh.data=1", "train.warmup_steps=0")
+    mesh = train_lib.make_mesh(cfg.mesh)
+    state, shardings = train_lib.create_sharded_state(cfg, mesh)
+    step = train_lib.make_train_step(cfg, mesh, shardings)
+    tokens = np.random.default_rng(0).integers(0, 40, (8, 33)).astype(np.int32)
+    batch = train_lib.put_batch(mesh, tokens[:, :-1], tokens[:, 1:])
+    assert trainer.step_between_updates(state) == 0
+    state, _ = step(state, *batch)
+    assert trainer.step_between_updates(state) is None  # half-way through accumulation
+    assert int(train_lib.micro_step(state["opt_state"], 2)) == 1
+    donated = state
+    state, _ = step(state, *batch)
+    assert trainer.step_between_updates(donated) is None  # donated to the step
+    assert trainer.step_between_updates(state) == 1 == train_lib.optimizer_step(state)
+    assert int(train_lib.micro_step(state["opt_state"], 2)) == 2
+
+
+def test_sample_prompt_finds_a_speaker():
+    assert trainer.sample_prompt("x\nsome prose\nHAMLET: To be\n") == "HAMLET: "
+    assert trainer.sample_prompt("no speakers here\nat all\n") == "no speakers here"
