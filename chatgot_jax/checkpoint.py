@@ -82,6 +82,10 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     """Restores params, optimizer state and RNG into abstract_state's shardings."""
     abstract_train = {"rng": abstract_state["rng"]}
+    saved_train = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / "train")
+    if "step" in saved_train.tree:  # older checkpoints also hold the micro-step, now derived
+        abstract_train["step"] = jax.ShapeDtypeStruct((), "int32",
+                                                      sharding=abstract_state["rng"].sharding)
     args = ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_state["params"]),
         opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),

@@ -74,3 +74,30 @@ def test_best_needs_a_validation_loss(tmp_path):
     ckpt.save(manager, train_lib.init_state(cfg), cfg, tokenizer, 0)
     with pytest.raises(InvalidArgument, match="needs a checkpoint with a validation loss"):
         ckpt.load_for_inference(str(tmp_path / "run"), best=True)
+
+
+def test_restores_checkpoints_that_also_hold_the_micro_step(tmp_path):
+    """Checkpoints written before the micro-step was derived from the optimizer state
+    hold it in their "train" item; they still resume."""
+    import json
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from chatgot_jax import config as config_lib
+
+    tokenizer = CharTokenizer.from_text("ab")
+    cfg = micro_config(f"model.vocab_size={tokenizer.vocab_size}")
+    state = train_lib.init_state(cfg, rng_seed=3)
+    manager = ckpt.make_manager(tmp_path / "run")
+    meta = {"config": config_lib.to_dict(cfg), "tokenizer": json.loads(tokenizer.to_json()),
+            "opt_step": 0, "val_loss": None}
+    manager.save(0, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        train=ocp.args.StandardSave({"step": jnp.int32(0), "rng": state["rng"]}),
+        meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    restored = ckpt.restore_newest(manager, train_lib.abstract_state(cfg))
+    assert set(restored) == {"params", "opt_state", "rng"}
+    np.testing.assert_array_equal(restored["rng"], state["rng"])
