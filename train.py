@@ -73,12 +73,18 @@ def init_distributed(coordinator, num_processes, process_id) -> None:
 def run(args) -> dict:
     from chatgot_jax import config as config_lib  # noqa: PLC0415 (--help stays instant)
     from chatgot_jax import trainer  # noqa: PLC0415
+    from chatgot_jax.run_dir import ConfigDrift  # noqa: PLC0415
 
     cli.quiet_orbax()
     cfg = config_lib.load_config(args.variant, args.config, overrides_of(args))
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     out = args.out or f"runs/{args.variant}"
-    return trainer.train_and_evaluate(cfg, args.data, out, resume=args.resume)
+    try:
+        return trainer.train_and_evaluate(cfg, args.data, out, resume=args.resume,
+                                          command=args.command)
+    except ConfigDrift as e:
+        raise UserError(f"{e}: use another --out for a new run, or add --resume to continue "
+                        f"this one with the new values") from None
 
 
 main = cli.entry_point(build_parser, run)

@@ -8,13 +8,17 @@ complete, so a killed save never leaves a checkpoint that looks finished. The
 manager keeps the last `keep` checkpoints plus the best one by validation loss.
 """
 
+import contextlib
 import functools
+import io
 import json
+import logging
 import os
 import pathlib
 import re
 import sys
 import time
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -42,10 +46,12 @@ def make_manager(run_dir, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
 
 
 def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
-         tokenizer: CharTokenizer, opt_step: int, val_loss: float | None = None) -> None:
-    """Saves the full train state under the optimizer step number."""
+         tokenizer: CharTokenizer, opt_step: int, val_loss: float | None = None,
+         data: dict | None = None) -> None:
+    """Saves the full train state under the optimizer step number; `data` identifies
+    the corpus it was trained on (data.corpus_identity)."""
     meta = {"config": config_lib.to_dict(cfg), "tokenizer": json.loads(tokenizer.to_json()),
-            "opt_step": opt_step, "val_loss": val_loss}
+            "opt_step": opt_step, "val_loss": val_loss, "data": data}
     train = {"rng": state["rng"]}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
@@ -54,17 +60,55 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
         meta=ocp.args.JsonSave(meta))
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
     try:
-        manager.save(opt_step, args=args, metrics=metrics, force=True)
-        manager.wait_until_finished()
+        with _held_stderr() as held:
+            manager.save(opt_step, args=args, metrics=metrics, force=True)
+            manager.wait_until_finished()
     except (OSError, ValueError) as e:  # disk full, I/O error: the step stays a tmp dir
-        # TensorStore, which writes the arrays, reports a failed write as a ValueError
-        # ending in "[os_error_code='28']"; plain Python writes raise OSError.
-        os_error = re.search(r"\[os_error_code='?(\d+)'?\]", str(e))
-        if not isinstance(e, OSError) and not os_error:
+        reason = io_failure(e)
+        if reason is None:
+            sys.stderr.write(held.getvalue())
             raise
-        reason = os.strerror(int(os_error[1])) if os_error else (e.strerror or e)
+        _silence_failed_writes()
         raise RunError(f"could not write checkpoint step {opt_step} in {manager.directory}: "
                        f"{reason}; earlier checkpoints are intact") from None
+    sys.stderr.write(held.getvalue())
+
+
+def io_failure(error: Exception) -> str | None:
+    """The OS's reason for a failed write, or None if `error` is not one.
+
+    TensorStore, which writes the arrays, reports a failed write as a ValueError
+    ending in "[os_error_code='28']"; plain Python writes raise OSError.
+    """
+    os_error = re.search(r"\[os_error_code='?(\d+)'?\]", str(error))
+    if os_error:
+        return os.strerror(int(os_error[1]))
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return None
+
+
+@contextlib.contextmanager
+def _held_stderr():
+    """Holds back what Orbax's and TensorStore's threads print during a save: after a
+    failed write each of them prints its own traceback, and the caller reports the
+    failure in one line instead. The logs of the absl logger are held too."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield held
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _silence_failed_writes() -> None:
+    """The failed writes' leftovers report themselves when collected, often at exit
+    (asyncio's "exception was never retrieved", "coroutine was never awaited")."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 def existing_steps(run_dir) -> list[int]:
@@ -137,11 +181,18 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state):
     return state
 
 
-def best_step(manager: ocp.CheckpointManager) -> int | None:
-    """The kept step with the lowest validation loss, or None if none was evaluated."""
-    scored = [(meta["val_loss"], step) for step in manager.all_steps()
-              if (meta := read_meta(manager, step))["val_loss"] is not None]
-    return min(scored)[1] if scored else None
+def best_checkpoint(manager: ocp.CheckpointManager) -> tuple[float, int] | None:
+    """(validation loss, step) of the kept checkpoint with the lowest validation loss,
+    or None if none was evaluated. Unreadable checkpoints are skipped."""
+    scored = []
+    for step in manager.all_steps():
+        try:
+            val_loss = read_meta(manager, step)["val_loss"]
+        except Exception:  # noqa: BLE001 (an unreadable checkpoint has no say)
+            continue
+        if val_loss is not None:
+            scored.append((val_loss, step))
+    return min(scored) if scored else None
 
 
 def _resolve(path: str) -> tuple[pathlib.Path, int | None]:
@@ -169,10 +220,11 @@ def load_for_inference(path: str, step: int | None = None, best: bool = False):
     if step is None:
         step = path_step
     if best:
-        step = best_step(manager)
-        if step is None:
+        found = best_checkpoint(manager)
+        if found is None:
             raise InvalidArgument("best", f"needs a checkpoint with a validation loss, and "
                                           f"{path} has none: load the latest instead")
+        step = found[1]
     if step is None:
         step = manager.latest_step()
     if step not in steps:

@@ -44,7 +44,9 @@ def entry_point(build_parser, run):
     @functools.wraps(run)
     def main(argv=None):
         parser = build_parser()
-        args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parser.parse_intermixed_args(argv)
+        args.command = [parser.prog, *argv]  # as given, for the run's provenance
         try:
             return run(args)
         except (UserError, RunError) as e:

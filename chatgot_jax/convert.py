@@ -34,7 +34,7 @@ def from_torch(state_dict_path, out, tokenizer_path, layout=None, overrides=()) 
     import jax.numpy as jnp  # noqa: PLC0415
 
     from chatgot_jax import checkpoint  # noqa: PLC0415
-    from chatgot_jax.run_dir import write_files  # noqa: PLC0415
+    from chatgot_jax import run_dir as run_dir_lib  # noqa: PLC0415
     from chatgot_jax.train_lib import init_state  # noqa: PLC0415
 
     run_dir = pathlib.Path(out)
@@ -46,9 +46,16 @@ def from_torch(state_dict_path, out, tokenizer_path, layout=None, overrides=()) 
     if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, state["params"]):
         raise RuntimeError("converted params do not fit the model (a torch_weights.py bug)")
     state["params"] = jax.tree.map(jnp.asarray, params)
-    write_files(run_dir, cfg, tokenizer)
-    checkpoint.save(checkpoint.make_manager(run_dir, keep=cfg.train.keep), state, cfg,
-                    tokenizer, opt_step=0)
+    lock = run_dir_lib.RunLock(run_dir)
+    run_dir_lib.create(run_dir, lock)
+    try:
+        source = {"source": f"converted from {pathlib.Path(state_dict_path).resolve()}"}
+        run_dir_lib.write_start(run_dir, cfg, tokenizer, run_dir_lib.Existing(),
+                                run_dir_lib.provenance(source, jax.devices()[:1]))
+        checkpoint.save(checkpoint.make_manager(run_dir, keep=cfg.train.keep), state, cfg,
+                        tokenizer, opt_step=0)
+    finally:
+        lock.release()
     print(f"wrote {run_dir} (step 0, {layout} layout): {cfg.model}")
 
 

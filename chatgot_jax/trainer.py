@@ -70,6 +70,7 @@ class RunData:
     val_x: np.ndarray  # fixed validation windows, a multiple of the batch size
     val_y: np.ndarray
     prompt: str  # the evaluation samples' prompt
+    identity: dict  # data.corpus_identity: source and content hash
 
 
 def prepare_data(cfg: config_lib.Config, data_path, saved_tokenizer=None):
@@ -87,7 +88,8 @@ def prepare_data(cfg: config_lib.Config, data_path, saved_tokenizer=None):
     n_eval = math.ceil(tcfg.eval_windows / tcfg.batch_size) * tcfg.batch_size
     val_x, val_y = data_lib.eval_windows(val_tokens, n=n_eval, seq_len=seq_len)
     prompt = sample_prompt(text[len(train_tokens):])
-    return cfg, RunData(tokenizer, train_tokens, val_x, val_y, prompt)
+    identity = data_lib.corpus_identity(data_path, text)
+    return cfg, RunData(tokenizer, train_tokens, val_x, val_y, prompt, identity)
 
 
 def sample_prompt(val_text: str) -> str:
@@ -164,23 +166,75 @@ class Run:
         return self.step * tcfg.grad_accum * tcfg.batch_size * self.cfg.model.max_seq_length
 
 
-def setup(cfg, data_path, run_dir, resume: bool) -> Run:
-    t_start = time.time()
+def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: str,
+                       resume: bool = False, command: list[str] | None = None) -> dict:
+    """Trains (or resumes) the run in run_dir up to train.max_steps -> summary dict.
+
+    A run directory holding a run of other training settings is refused
+    (run_dir.ConfigDrift) unless resume=True; a finished run is left as it is.
+    `command` (default sys.argv) goes into the run's provenance.
+    """
     run_dir = pathlib.Path(run_dir)
+    lock = run_dir_lib.RunLock(run_dir)
+    try:
+        if jax.process_index() == 0 and run_dir.is_dir():
+            lock.acquire()  # a second writer stops here, before anything is read
+        cfg, existing, data = prepare(cfg, data_path, run_dir, resume)
+        if existing.step is not None and existing.step >= cfg.train.max_steps:
+            return nothing_to_do(run_dir, existing.step, cfg)
+        run = setup(cfg, existing, data, run_dir, lock, command)
+        try:
+            train(run)
+            return finish(run)
+        finally:
+            run.manager.close()
+    finally:
+        lock.release()
+
+
+def prepare(cfg, data_path, run_dir: pathlib.Path, resume: bool):
+    """-> (cfg, run_dir.Existing, RunData), writing nothing; refuses config drift."""
     existing = run_dir_lib.inspect(run_dir, cfg, resume)
     cfg, data = prepare_data(cfg, data_path, existing.tokenizer)
+    if existing.config is not None:
+        changes = run_dir_lib.training_changes(existing, cfg, data.identity)
+        if changes and not resume:
+            raise run_dir_lib.ConfigDrift(run_dir, changes)
+    return cfg, existing, data
+
+
+def nothing_to_do(run_dir: pathlib.Path, step: int, cfg) -> dict:
+    manager = ckpt.make_manager(run_dir, read_only=True)
+    try:
+        best = ckpt.best_checkpoint(manager)
+    finally:
+        manager.close()
+    if jax.process_index() == 0:
+        print(f"nothing to do: {run_dir} is already at step {step} (train.max_steps "
+              f"{cfg.train.max_steps}); raise --max-steps to train further")
+    return summary_of(run_dir, step, cfg, best[0] if best else None, wall_time_s=0.0)
+
+
+def setup(cfg, existing: run_dir_lib.Existing, data: RunData, run_dir: pathlib.Path,
+          lock: run_dir_lib.RunLock, command: list[str] | None = None) -> Run:
+    """Mesh, run directory files, train state and compiled steps: everything the loop needs."""
+    t_start = time.time()
     mesh = train_lib.make_mesh(cfg.mesh)
     train_lib.check_batch(cfg, mesh)
     is_main = jax.process_index() == 0
     if is_main:
-        run_dir_lib.write_files(run_dir, cfg, data.tokenizer)
+        run_dir_lib.create(run_dir, lock)
+        run_dir_lib.write_start(run_dir, cfg, data.tokenizer, existing,
+                                run_dir_lib.provenance(data.identity, list(mesh.devices.flat),
+                                                       command))
     manager = ckpt.make_manager(run_dir, keep=cfg.train.keep)
     state, shardings = initial_state(cfg, mesh, manager, resuming=bool(existing.steps))
     step = train_lib.optimizer_step(state)
     run = Run(cfg, run_dir, data, mesh, manager, state,
               train_lib.make_train_step(cfg, mesh, shardings),
               train_lib.make_eval_step(cfg, mesh, shardings),
-              Logger(run_dir, is_main, start_step=step), step, t_start)
+              Logger(run_dir, is_main, start_step=step, hparams=run_dir_lib.flat(cfg)),
+              step, t_start)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     t = cfg.train
     run.log.print(f"model: {n_params:,} parameters | vocab {data.tokenizer.vocab_size} | "
@@ -189,13 +243,15 @@ def setup(cfg, data_path, run_dir, resume: bool) -> Run:
                   f"{t.batch_size} x {t.grad_accum} accum x {cfg.model.max_seq_length} | "
                   f"run dir {run_dir}"
                   + (f" | resuming at step {step}" if existing.steps else ""))
+    changes = existing.config and run_dir_lib.config_changes(existing.config, cfg)
+    if changes:
+        listed = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+        run.log.print(f"settings changed from step {step} on: {listed}")
     return run
 
 
-def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: str,
-                       resume: bool = False) -> dict:
-    """Trains (or resumes) the run in run_dir up to train.max_steps -> summary dict."""
-    run = setup(cfg, data_path, run_dir, resume)
+def train(run: Run) -> None:
+    """The loop: batches -> train step -> log -> maybe evaluate and sample -> maybe save."""
     tcfg = run.cfg.train
     rows = train_lib.process_rows(tcfg.batch_size)
     metrics = MetricsBuffer(tcfg.batch_size * run.cfg.model.max_seq_length)
@@ -235,9 +291,7 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
                        f"{run.run_dir}: lower the learning rate (train.lr) and resume") from None
     finally:
         bar.close()
-        run.manager.close()
         run.log.close()
-    return finish(run)
 
 
 def log_metrics(run: Run, record: dict | None, bar) -> None:
@@ -265,7 +319,8 @@ def evaluate_and_sample(run: Run) -> None:
 
 
 def save(run: Run) -> None:
-    ckpt.save(run.manager, run.state, run.cfg, run.data.tokenizer, run.step, run.last_val)
+    ckpt.save(run.manager, run.state, run.cfg, run.data.tokenizer, run.step, run.last_val,
+              data=run.data.identity)
 
 
 def stop_and_save(run: Run, metrics: MetricsBuffer, bar, whole: bool) -> None:
@@ -301,16 +356,30 @@ def step_between_updates(state) -> int | None:
 
 
 def finish(run: Run) -> dict:
-    """The end-of-run summary (printed by process 0)."""
+    """The end-of-run summary; its best validation loss is over the run's checkpoints."""
+    best = ckpt.best_checkpoint(run.manager)
+    best_val = min(run.best_val, best[0] if best else math.inf)
+    return summary_of(run.run_dir, run.step, run.cfg,
+                      best_val if math.isfinite(best_val) else None,
+                      wall_time_s=time.time() - run.t_start, interrupted=run.interrupted,
+                      prompt=run.data.prompt)
+
+
+def summary_of(run_dir, step: int, cfg, best_val: float | None, wall_time_s: float,
+               interrupted: bool = False, prompt: str | None = None) -> dict:
+    """The summary dict; with a prompt (a run that trained), process 0 prints it."""
+    tcfg = cfg.train
     summary = {
-        "steps": run.step, "tokens": run.tokens, "wall_time_s": time.time() - run.t_start,
-        "best_val_bpc": run.best_val / math.log(2) if math.isfinite(run.best_val) else None,
-        "checkpoint": str(run.run_dir / ckpt.CKPT_SUBDIR), "interrupted": run.interrupted,
+        "steps": step, "tokens": step * tcfg.grad_accum * tcfg.batch_size
+        * cfg.model.max_seq_length, "wall_time_s": wall_time_s,
+        "best_val_loss": best_val,
+        "best_val_bpc": None if best_val is None else best_val / math.log(2),
+        "checkpoint": str(run_dir / ckpt.CKPT_SUBDIR), "interrupted": interrupted,
     }
-    if jax.process_index() == 0:
-        bpc = f"{summary['best_val_bpc']:.4f}" if summary["best_val_bpc"] else "n/a"
-        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-              f"{summary['wall_time_s']:.0f} s, best val {bpc} bits/char\n"
+    if prompt is not None and jax.process_index() == 0:
+        bpc = "n/a" if best_val is None else f"{summary['best_val_bpc']:.4f}"
+        print(f"done: {step} steps, {summary['tokens']:,} tokens, {wall_time_s:.0f} s, "
+              f"best val {bpc} bits/char\n"
               f"checkpoints: {summary['checkpoint']}\n"
-              f"next: python sample.py --checkpoint {run.run_dir} --prompt \"{run.data.prompt}\"")
+              f"next: python sample.py --checkpoint {run_dir} --prompt \"{prompt}\"")
     return summary

@@ -112,8 +112,8 @@ def test_resume_is_exact(baseline_run, corpus, tmp_path, monkeypatch):
     cfg = config_lib.load_config("tiny", overrides=RUN_OVERRIDES)
     real_save = ckpt.save
 
-    def save_then_interrupt(manager, state, cfg, tokenizer, opt_step, val_loss=None):
-        real_save(manager, state, cfg, tokenizer, opt_step, val_loss)
+    def save_then_interrupt(manager, state, cfg, tokenizer, opt_step, val_loss=None, **kw):
+        real_save(manager, state, cfg, tokenizer, opt_step, val_loss, **kw)
         if opt_step == 3:
             raise KeyboardInterrupt
 

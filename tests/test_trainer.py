@@ -79,3 +79,28 @@ def test_step_between_updates():
 def test_sample_prompt_finds_a_speaker():
     assert trainer.sample_prompt("x\nsome prose\nHAMLET: To be\n") == "HAMLET: "
     assert trainer.sample_prompt("no speakers here\nat all\n") == "no speakers here"
+
+
+def test_logger_reports_a_dead_writer_thread_in_one_line(tmp_path):
+    """TensorBoard writes events from its own thread: an I/O error there ends the run
+    at the next log line with one RunError, not a thread's traceback."""
+    import threading
+
+    from chatgot_jax.errors import RunError
+    from chatgot_jax.metrics import Logger
+
+    log = Logger(tmp_path, enabled=True)
+    try:
+        log.write({"step": 1, "loss": 2.0})
+
+        def fail():
+            raise OSError(28, "No space left on device")
+
+        thread = threading.Thread(target=fail)
+        thread.start()
+        thread.join()
+        with pytest.raises(RunError, match="TensorBoard events in .*: No space left on device"):
+            log.write({"step": 2, "loss": 1.0})
+    finally:
+        log.close()
+    assert threading.excepthook is not log._thread_failed
