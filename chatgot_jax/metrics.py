@@ -98,13 +98,17 @@ class MetricsBuffer:
 
     add() queues a micro-step's metrics without waiting, except for the first of
     the run, whose wall time (compilation included) it returns. flush() fetches
-    the queue, raises Diverged on a non-finite loss or gradient norm, and returns
-    one record: mean loss and gradient norm, the last lr, tokens/s since the last
-    flush or restart_clock() (the first step is not timed).
+    the queue and returns one record: mean loss and gradient norm, the last lr,
+    tokens/s since the last flush or restart_clock() (the first step is not
+    timed). A non-finite loss or gradient norm raises Diverged; with
+    stop_on_divergence=False (a sweep's group, whose metrics carry a run axis)
+    the record's values are per-run arrays and "finite" says which runs stayed
+    finite.
     """
 
-    def __init__(self, tokens_per_micro: int):
+    def __init__(self, tokens_per_micro: int, stop_on_divergence: bool = True):
         self.tokens_per_micro = tokens_per_micro
+        self.stop_on_divergence = stop_on_divergence
         self.pending = []
         self.t_last = time.time()
         self.untimed = 0
@@ -130,18 +134,22 @@ class MetricsBuffer:
         if not self.pending:
             return None
         fetched = jax.device_get(self.pending)
-        for m in fetched:
+        loss = np.stack([m["loss"] for m in fetched])  # (steps,) or (steps, runs)
+        grad_norm = np.stack([m["grad_norm"] for m in fetched])
+        finite = np.isfinite(loss) & np.isfinite(grad_norm)
+        if self.stop_on_divergence and not finite.all():
             # The loss of step N is computed before update N: a non-finite gradient
             # with a finite loss has already made the state non-finite.
-            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                what = (f"the loss became {loss}" if not math.isfinite(loss)
-                        else f"the gradient norm became {grad_norm}")
-                raise Diverged(f"{what} at step {int(m['opt_step'])}")
+            i = int(np.argmin(finite))
+            what = (f"the loss became {loss[i]}" if not np.isfinite(loss[i])
+                    else f"the gradient norm became {grad_norm[i]}")
+            raise Diverged(f"{what} at step {int(fetched[i]['opt_step'])}")
         now = time.time()
         timed = len(fetched) - self.untimed
         tok_s = timed * self.tokens_per_micro / (now - self.t_last) if timed else float("nan")
         self.pending, self.t_last, self.untimed = [], now, 0
-        return {"loss": float(np.mean([m["loss"] for m in fetched])),
-                "lr": float(fetched[-1]["lr"]), "tokens_per_s": tok_s,
-                "grad_norm": float(np.mean([m["grad_norm"] for m in fetched]))}
+        record = {"loss": loss.mean(0), "lr": np.asarray(fetched[-1]["lr"]),
+                  "tokens_per_s": tok_s, "grad_norm": grad_norm.mean(0)}
+        if loss.ndim == 1:
+            return {k: float(v) for k, v in record.items()}
+        return {**record, "finite": finite.all(0)}

@@ -37,21 +37,28 @@ REMAT_POLICY = {
 }
 
 
-def dropout(x, rate: float, rng):
+def dropout(x, rate, rng):
     """Inverted dropout with masks from 16-bit random words.
 
     Two masks per 32-bit draw halve the cost of the PRNG (the dominant cost of
     dropout on CPU); the drop probability is round(rate * 65536) / 65536. The
     words are jax.random.bits(rng, ...) exactly, from prng.random_bits (faster).
+    `rate` is a Python float, or a traced scalar (a sweep's per-run rate; 0 then
+    leaves x unchanged, bit for bit).
     """
-    threshold = round(rate * 65536)
-    if threshold == 0:
-        return x
+    if isinstance(rate, (int, float)):
+        threshold = round(rate * 65536)
+        if threshold == 0:
+            return x
+        scale = jnp.asarray(65536 / (65536 - threshold), x.dtype)
+    else:
+        threshold = jnp.round(jnp.asarray(rate, jnp.float32) * 65536)
+        scale = (65536.0 / (65536.0 - threshold)).astype(x.dtype)
+        threshold = threshold.astype(jnp.uint32)
     n = x.size
     bits = random_bits(rng, (n + 1) // 2)
     halves = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)[:n]
     keep = (halves >= threshold).reshape(x.shape)
-    scale = jnp.asarray(65536 / (65536 - threshold), x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
@@ -66,8 +73,9 @@ def layer_norm(cfg: ModelConfig, name: str):
                         param_dtype=jnp.float32, force_float32_reductions=True, name=name)
 
 
-def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_TxS, drop_rng, cached=False):
-    """Softmax attention in float32 -> (B, T, H, K); dropout on the weights when drop_rng is given.
+def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_TxS, drop_rng, cached=False, rate=None):
+    """Softmax attention in float32 -> (B, T, H, K); dropout at `rate` on the weights
+    when drop_rng is given.
 
     k and v are (B, S, H, K), or (N, S, K) when they come from the KV cache: the
     cache's layout, in which decoding one token reads contiguous rows.
@@ -87,7 +95,7 @@ def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_TxS, drop_rng, cached=False):
     scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)  # (B, H, T, S) or (N, T, S)
     if drop_rng is not None:
-        probs = dropout(probs, cfg.dropout, drop_rng)
+        probs = dropout(probs, rate, drop_rng)
     ctx = jnp.einsum(pv, probs.astype(v.dtype), v)
     if cached:
         ctx = ctx.reshape(B, H, T, K).transpose(0, 2, 1, 3)
@@ -95,28 +103,21 @@ def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_TxS, drop_rng, cached=False):
 
 
 class Block(nn.Module):
-    """One pre-LN decoder layer: (x_BxTxD, cache, index) -> (x_BxTxD, cache).
+    """One pre-LN decoder layer: (x_BxTxD, cache, index, rate) -> (x_BxTxD, cache).
 
     cache is None (training; nn.scan then sees carry x and outputs None) or this
     layer's {"k", "v"}, each (N, S, K): the chunk's keys and values are written
     at [:, index:index + T] in place and attention reads the whole cache, masked.
+    rate is the dropout rate, None for none (see Decoder).
     """
 
     cfg: ModelConfig
-    deterministic: bool
 
-    def drop(self, x):
-        if self.deterministic or self.cfg.dropout == 0.0:
-            return x
-        return dropout(x, self.cfg.dropout, self.make_rng("dropout"))
-
-    def drop_rng(self):
-        if self.deterministic or self.cfg.dropout == 0.0:
-            return None
-        return self.make_rng("dropout")
+    def drop(self, x, rate):
+        return x if rate is None else dropout(x, rate, self.make_rng("dropout"))
 
     @nn.compact
-    def __call__(self, x_BxTxD, cache, index):
+    def __call__(self, x_BxTxD, cache, index, rate):
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, K = cfg.n_head, cfg.head_dim
@@ -135,21 +136,22 @@ class Block(nn.Module):
             k, v = cache["k"], cache["v"]  # (N, S, K)
         S = T if cache is None else k.shape[1]
         mask_TxS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
-        ctx = attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask_TxS, self.drop_rng(),
-                     cached=cache is not None)
+        drop_rng = None if rate is None else self.make_rng("dropout")
+        ctx = attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask_TxS, drop_rng,
+                     cached=cache is not None, rate=rate)
         out = dense(D, cfg, "attn_out", resid_std)(ctx.reshape(B, T, D))
-        x_BxTxD = x_BxTxD + self.drop(checkpoint_name(out, "attn_out"))
+        x_BxTxD = x_BxTxD + self.drop(checkpoint_name(out, "attn_out"), rate)
 
         if cfg.memory:
-            x_BxTxD = x_BxTxD + self.drop(MemoryAttention(cfg, self.deterministic,
-                                                          name="memory")(x_BxTxD))
+            x_BxTxD = x_BxTxD + self.drop(MemoryAttention(cfg, name="memory")(x_BxTxD, rate),
+                                          rate)
 
         # MLP: D -> F -> D with GELU.
         h = layer_norm(cfg, "ln2")(x_BxTxD)
         h_BxTxF = checkpoint_name(dense(cfg.d_hid, cfg, "fc")(h), "mlp_hidden")
-        h_BxTxF = self.drop(nn.gelu(h_BxTxF, approximate=cfg.gelu_approximate))
+        h_BxTxF = self.drop(nn.gelu(h_BxTxF, approximate=cfg.gelu_approximate), rate)
         out = dense(D, cfg, "proj", resid_std)(h_BxTxF)
-        x_BxTxD = x_BxTxD + self.drop(out)
+        x_BxTxD = x_BxTxD + self.drop(out, rate)
         return x_BxTxD.astype(cfg.compute_dtype), cache
 
 
@@ -161,10 +163,9 @@ class MemoryAttention(nn.Module):
     """
 
     cfg: ModelConfig
-    deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD, rate=None):
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, K = cfg.n_head, cfg.head_dim
@@ -173,10 +174,8 @@ class MemoryAttention(nn.Module):
         q = dense(D, cfg, "q")(h).reshape(B, T, H, K)
         kv = dense(2 * D, cfg, "kv")(memory_Bx1xD).reshape(B, 1, 2 * H, K)
         k, v = jnp.split(kv, 2, axis=2)
-        drop_rng = None
-        if not self.deterministic and cfg.dropout > 0.0:
-            drop_rng = self.make_rng("dropout")
-        ctx = attend(cfg, q, k, v, jnp.ones((T, 1), bool), drop_rng)
+        drop_rng = None if rate is None else self.make_rng("dropout")
+        ctx = attend(cfg, q, k, v, jnp.ones((T, 1), bool), drop_rng, rate=rate)
         return dense(D, cfg, "out")(ctx.reshape(B, T, D))
 
 
@@ -193,11 +192,13 @@ class Decoder(nn.Module):
     unstacked: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BxT, *, deterministic: bool = True, cache=None, index=0):
+    def __call__(self, tokens_BxT, *, deterministic: bool = True, cache=None, index=0,
+                 dropout_rate=None):
         """Returns float32 logits (B, T, V); with a cache, (logits, new_cache).
 
         cache: from init_cache, only with unstacked=True.
         index: position of tokens_BxT[:, 0] (the number of tokens already cached).
+        dropout_rate: a traced rate that replaces cfg.dropout (a sweep's per-run rate).
         """
         cfg = self.cfg
         T = tokens_BxT.shape[1]
@@ -209,15 +210,17 @@ class Decoder(nn.Module):
         if cfg.scale_embeddings:
             x_BxTxD = x_BxTxD * jnp.sqrt(jnp.float32(cfg.d_model))
         x_BxTxD = x_BxTxD + jax.lax.dynamic_slice_in_dim(pos_emb, index, T)[None]
-        if not deterministic and cfg.dropout > 0.0:
-            x_BxTxD = dropout(x_BxTxD, cfg.dropout, self.make_rng("dropout"))
+        rate = None  # no dropout
+        if not deterministic and (dropout_rate is not None or cfg.dropout > 0.0):
+            rate = cfg.dropout if dropout_rate is None else dropout_rate
+            x_BxTxD = dropout(x_BxTxD, rate, self.make_rng("dropout"))
         x_BxTxD = x_BxTxD.astype(cfg.compute_dtype)
 
         if self.unstacked:
             new_cache = []
             for i in range(cfg.n_layers):
-                x_BxTxD, layer_cache = Block(cfg, deterministic, name=f"block_{i}")(
-                    x_BxTxD, None if cache is None else cache[i], index)
+                x_BxTxD, layer_cache = Block(cfg, name=f"block_{i}")(
+                    x_BxTxD, None if cache is None else cache[i], index, rate)
                 new_cache.append(layer_cache)
             cache = None if cache is None else tuple(new_cache)
         elif cache is not None:
@@ -233,9 +236,10 @@ class Decoder(nn.Module):
             unroll = cfg.n_layers if cfg.remat == "none" else 1
             stack = nn.scan(block, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=cfg.n_layers,
                             unroll=unroll)
-            x_BxTxD, _ = stack(cfg, deterministic, name="blocks")(x_BxTxD, None, index)
+            x_BxTxD, _ = stack(cfg, name="blocks")(x_BxTxD, None, index, rate)
 
         x_BxTxD = layer_norm(cfg, "ln_f")(x_BxTxD).astype(jnp.float32)
         head = nn.Dense(cfg.vocab_size, dtype=jnp.float32, param_dtype=jnp.float32,

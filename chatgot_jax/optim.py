@@ -1,5 +1,8 @@
 """The optimizer: clip_by_global_norm -> AdamW (warmup + cosine), wrapped in optax.MultiSteps.
 
+The hyper-parameters are float32 arrays (hyperparams(cfg)) handed to the train
+step as an input, not constants compiled into it: a sweep vmaps one step over
+runs with their own lr, schedule, weight decay, betas and clipping.
 Weight decay applies to matrices only (dense kernels and the token and position
 embeddings); biases and LayerNorm scales/offsets are not decayed.
 The schedule counts optimizer steps: MultiSteps calls the inner chain once per
@@ -7,17 +10,40 @@ The schedule counts optimizer steps: MultiSteps calls the inner chain once per
 """
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from chatgot_jax.config import TrainConfig
 
+# TrainConfig fields that the optimizer reads at run time.
+HYPERPARAMS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1",
+               "beta2", "grad_clip")
+
+
+def hyperparams(cfg: TrainConfig) -> dict:
+    """{name: float32 scalar} of HYPERPARAMS."""
+    return {name: jnp.float32(getattr(cfg, name)) for name in HYPERPARAMS}
+
+
+def lr_at(count, h: dict):
+    """Linear warmup from 0 to h["lr"], then a cosine down to lr * min_lr_ratio at max_steps.
+
+    count is the optimizer step; h holds (possibly traced) hyperparams.
+    """
+    # The same float operations, in the same order, as optax.warmup_cosine_decay_schedule.
+    count = jnp.asarray(count, jnp.float32)
+    lr, floor = h["lr"], h["min_lr_ratio"]
+    warmup = jnp.minimum(h["warmup_steps"], h["max_steps"])
+    decay = jnp.maximum(h["max_steps"] - warmup, 1.0)
+    rising = -lr * (1.0 - jnp.clip(count, 0.0, warmup) / jnp.maximum(warmup, 1.0)) + lr
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(count - warmup, 0.0, decay) / decay))
+    return jnp.where(count < warmup, rising, lr * ((1.0 - floor) * cosine + floor))
+
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
-    warmup = min(cfg.warmup_steps, cfg.max_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-        decay_steps=max(cfg.max_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    """lr_at with cfg's values: optimizer step -> learning rate."""
+    h = hyperparams(cfg)
+    return lambda count: lr_at(count, h)
 
 
 def decay_mask(params):
@@ -32,10 +58,12 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.MultiSteps:
+def make_optimizer(cfg: TrainConfig, h: dict | None = None) -> optax.MultiSteps:
+    """The optimizer with hyperparams h (default hyperparams(cfg)); grad_accum comes from cfg."""
+    h = hyperparams(cfg) if h is None else h
     inner = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
-                    weight_decay=cfg.weight_decay, mask=decay_mask),
+        optax.clip_by_global_norm(h["grad_clip"]),
+        optax.adamw(lambda count: lr_at(count, h), b1=h["beta1"], b2=h["beta2"], eps=1e-8,
+                    weight_decay=h["weight_decay"], mask=decay_mask),
     )
     return optax.MultiSteps(inner, every_k_schedule=cfg.grad_accum)

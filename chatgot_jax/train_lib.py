@@ -6,6 +6,10 @@ The optimizer step is `opt_state.gradient_step` (the one step users see); the
 micro-batches done are gradient_step * grad_accum + mini_step (micro_step()).
 Dropout keys are fold_in(rng, micro-step), so every micro-step's randomness is
 a function of (seed, micro-step) and resume is exact.
+
+The train step is train_step(state, h, x, y) with h the optimizer's
+hyper-parameters as arrays (optim.hyperparams): jitted as it is by
+make_train_step for one run, vmapped over runs by the sweep.
 """
 
 import jax
@@ -13,10 +17,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from chatgot_jax.config import Config, MeshConfig
+from chatgot_jax.config import Config, MeshConfig, seed_of
 from chatgot_jax.errors import UserError
 from chatgot_jax.model import Decoder, cross_entropy, init_params
-from chatgot_jax.optim import lr_schedule, make_optimizer
+from chatgot_jax.optim import hyperparams, lr_at, make_optimizer
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -77,9 +81,16 @@ def state_shardings(mesh: Mesh, abstract_state):
 
 
 def init_state(cfg: Config, rng_seed: int | None = None):
-    """The initial train state on the host's default device (unsharded)."""
-    seed = cfg.train.seed if rng_seed is None else rng_seed
-    params_key, dropout_key = jax.random.split(jax.random.key(seed))
+    """The initial train state on the host's default device (unsharded).
+
+    Parameters come from the init seed, the dropout rng from the dropout seed
+    (both train.seed unless set; rng_seed overrides both).
+    """
+    init_seed, dropout_seed = (seed_of(cfg.train, "init"), seed_of(cfg.train, "dropout"))
+    if rng_seed is not None:
+        init_seed = dropout_seed = rng_seed
+    params_key = jax.random.split(jax.random.key(init_seed))[0]
+    dropout_key = jax.random.split(jax.random.key(dropout_seed))[1]
     params = init_params(cfg.model, params_key)
     return {
         "params": params,
@@ -108,35 +119,49 @@ def create_sharded_state(cfg: Config, mesh: Mesh):
     return jax.jit(lambda: init_state(cfg), out_shardings=shardings)(), shardings
 
 
-def loss_fn(params, cfg: Config, x_BxT, y_BxT, dropout_key=None):
+def loss_fn(params, cfg: Config, x_BxT, y_BxT, dropout_key=None, dropout_rate=None):
+    """Mean cross-entropy; dropout when a key is given (at dropout_rate if given,
+    a traced per-run rate, else cfg.model.dropout)."""
     deterministic = dropout_key is None
     rngs = None if deterministic else {"dropout": dropout_key}
     logits = Decoder(cfg.model).apply({"params": params}, x_BxT, deterministic=deterministic,
-                                      rngs=rngs)
+                                      rngs=rngs, dropout_rate=dropout_rate)
     return cross_entropy(logits, y_BxT)
 
 
-def make_train_step(cfg: Config, mesh: Mesh, shardings):
-    """jit(state, x, y) -> (state, metrics); the state is donated."""
-    tx = make_optimizer(cfg.train)
-    schedule = lr_schedule(cfg.train)
+def train_step_fn(cfg: Config):
+    """The pure train step (state, h, x, y) -> (state, metrics).
 
-    def train_step(state, x_BxT, y_BxT):
+    h: optim.hyperparams, plus "dropout" when the rate is a per-run value.
+    """
+    def train_step(state, h, x_BxT, y_BxT):
         micro = micro_step(state["opt_state"], cfg.train.grad_accum)
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), micro)
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], cfg, x_BxT, y_BxT, key)
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], cfg, x_BxT, y_BxT, key,
+                                                  h.get("dropout"))
+        tx = make_optimizer(cfg.train, h)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "rng": state["rng"]}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["opt_state"].gradient_step),  # lr of this update
+                   "lr": lr_at(state["opt_state"].gradient_step, h),  # lr of this update
                    "opt_step": opt_state.gradient_step}
         return new_state, metrics
 
+    return train_step
+
+
+def make_train_step(cfg: Config, mesh: Mesh, shardings):
+    """jit(state, h, x, y) -> (state, metrics); the state is donated, h = hyperparams(cfg)."""
     data = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    return jax.jit(train_step, in_shardings=(shardings, data, data),
+    return jax.jit(train_step_fn(cfg), in_shardings=(shardings, replicated, data, data),
                    out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def train_hyperparams(cfg: Config, mesh: Mesh) -> dict:
+    """hyperparams(cfg.train) on the mesh (replicated): the train step's h."""
+    return jax.device_put(hyperparams(cfg.train), NamedSharding(mesh, P()))
 
 
 def make_eval_step(cfg: Config, mesh: Mesh, shardings):

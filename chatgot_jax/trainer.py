@@ -151,6 +151,7 @@ class Run:
     mesh: jax.sharding.Mesh
     manager: object  # the checkpoint manager
     state: dict
+    hyper: dict  # the train step's hyper-parameters (optim.hyperparams)
     train_step: object
     eval_step: object
     log: Logger
@@ -230,7 +231,7 @@ def setup(cfg, existing: run_dir_lib.Existing, data: RunData, run_dir: pathlib.P
     manager = ckpt.make_manager(run_dir, keep=cfg.train.keep)
     state, shardings = initial_state(cfg, mesh, manager, resuming=bool(existing.steps))
     step = train_lib.optimizer_step(state)
-    run = Run(cfg, run_dir, data, mesh, manager, state,
+    run = Run(cfg, run_dir, data, mesh, manager, state, train_lib.train_hyperparams(cfg, mesh),
               train_lib.make_train_step(cfg, mesh, shardings),
               train_lib.make_eval_step(cfg, mesh, shardings),
               Logger(run_dir, is_main, start_step=step, hparams=run_dir_lib.flat(cfg)),
@@ -254,6 +255,7 @@ def train(run: Run) -> None:
     """The loop: batches -> train step -> log -> maybe evaluate and sample -> maybe save."""
     tcfg = run.cfg.train
     rows = train_lib.process_rows(tcfg.batch_size)
+    data_seed = config_lib.seed_of(tcfg, "data")
     metrics = MetricsBuffer(tcfg.batch_size * run.cfg.model.max_seq_length)
     bar = tqdm(total=tcfg.max_steps, initial=run.step, unit="step", dynamic_ncols=True,
                disable=not run.log.enabled)
@@ -261,10 +263,11 @@ def train(run: Run) -> None:
         with StopOnSigint() as stop:
             while run.step < tcfg.max_steps and not stop.requested:
                 for micro in range(run.step * tcfg.grad_accum, (run.step + 1) * tcfg.grad_accum):
-                    x, y = data_lib.get_batch(run.data.train_tokens, seed=tcfg.seed, step=micro,
+                    x, y = data_lib.get_batch(run.data.train_tokens, seed=data_seed, step=micro,
                                               batch_size=tcfg.batch_size,
                                               seq_len=run.cfg.model.max_seq_length, rows=rows)
-                    run.state, m = run.train_step(run.state, *train_lib.put_batch(run.mesh, x, y))
+                    run.state, m = run.train_step(run.state, run.hyper,
+                                                  *train_lib.put_batch(run.mesh, x, y))
                     if (first_s := metrics.add(m)) is not None:
                         run.log.write({"step": run.step, "first_step_s": first_s})
                 run.step, run.last_val = run.step + 1, None

@@ -26,12 +26,12 @@ def test_flops_per_token_matches_a_hand_count():
 
 
 def test_parse_grid_is_the_cartesian_product_in_order():
-    points = bench.parse_grid("model.remat=none,full  model.compute_dtype=float32,bfloat16")
+    points = config_lib.parse_grid("model.remat=none,full  model.compute_dtype=float32,bfloat16")
     assert points == [["model.remat=none", "model.compute_dtype=float32"],
                       ["model.remat=none", "model.compute_dtype=bfloat16"],
                       ["model.remat=full", "model.compute_dtype=float32"],
                       ["model.remat=full", "model.compute_dtype=bfloat16"]]
-    assert bench.parse_grid("train.batch_size=8") == [["train.batch_size=8"]]
+    assert config_lib.parse_grid("train.batch_size=8") == [["train.batch_size=8"]]
 
 
 @pytest.mark.parametrize("spec, bad", [
@@ -42,7 +42,7 @@ def test_parse_grid_is_the_cartesian_product_in_order():
     ("model.remat=none model.remat=full", "model.remat=full"), ("  ", "empty")])
 def test_parse_grid_rejects_bad_specs(spec, bad):
     with pytest.raises(UserError, match=bad.replace(".", r"\.")):
-        bench.parse_grid(spec)
+        config_lib.parse_grid(spec)
 
 
 def test_grid_refuses_a_bad_key_before_running_anything(capsys):
@@ -127,7 +127,7 @@ def test_plot_refuses_a_missing_run_or_metrics_file(tmp_path, capsys, make, need
 
 def test_grid_table_and_chart(tmp_path):
     pytest.importorskip("matplotlib")
-    points = bench.parse_grid("model.remat=none,full")
+    points = config_lib.parse_grid("model.remat=none,full")
     results = [{"mode": "train", "tokens_per_s": 1234.0, "step_ms": 10.0,
                 "temp_bytes": 2 ** 30}, {"overrides": points[1], "error": "out of memory"}]
     text = report.grid_markdown(points, results, "tiny train")

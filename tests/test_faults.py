@@ -31,6 +31,7 @@ import pytest
 
 import train
 from chatgot_jax import checkpoint as ckpt
+from chatgot_jax import cli
 from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
 from chatgot_jax import train_lib, trainer
@@ -58,7 +59,7 @@ def argv(run_dir, corpus, *flags):
 
 def config_for(args):
     parsed = train.build_parser().parse_intermixed_args(args)
-    return config_lib.load_config(parsed.variant, parsed.config, train.overrides_of(parsed))
+    return config_lib.load_config(parsed.variant, parsed.config, cli.overrides_of(parsed))
 
 
 def runs_in_metrics(run_dir):
@@ -529,8 +530,8 @@ def test_ctrl_c_inside_the_train_step(corpus, tmp_path, monkeypatch, capsys):
     def make_train_step(cfg, mesh, shardings):
         step_fn, calls = real_make(cfg, mesh, shardings), []
 
-        def step_with_ctrl_c(state, x, y):
-            result = step_fn(state, x, y)  # donates `state`
+        def step_with_ctrl_c(state, hyper, x, y):
+            result = step_fn(state, hyper, x, y)  # donates `state`
             calls.append(1)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGINT)  # before the result reaches the loop

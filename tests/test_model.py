@@ -185,7 +185,7 @@ def test_fast_fold_in_and_categorical_equal_jax():
 
 def test_memory_sublayer_ignores_tokens():
     cfg = ModelConfig(**MICRO, memory=True)
-    layer = M.MemoryAttention(cfg, deterministic=True)
+    layer = M.MemoryAttention(cfg)
     x1 = jax.random.normal(jax.random.key(1), (2, 7, cfg.d_model))
     x2 = jax.random.normal(jax.random.key(2), (2, 7, cfg.d_model))
     variables = layer.init(jax.random.key(0), x1)

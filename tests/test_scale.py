@@ -29,11 +29,12 @@ def five_step_losses(data: int, fsdp: int):
     mesh = train_lib.make_mesh(cfg.mesh)
     state, shardings = train_lib.create_sharded_state(cfg, mesh)
     step = train_lib.make_train_step(cfg, mesh, shardings)
+    hyper = train_lib.train_hyperparams(cfg, mesh)
     tokens = np.random.default_rng(0).integers(0, 48, 5000)
     losses = []
     for i in range(5):
         x, y = data_lib.get_batch(tokens, seed=0, step=i, batch_size=8, seq_len=32)
-        state, metrics = step(state, *train_lib.put_batch(mesh, x, y))
+        state, metrics = step(state, hyper, *train_lib.put_batch(mesh, x, y))
         losses.append(float(metrics["loss"]))
     return losses, state
 

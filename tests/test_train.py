@@ -57,15 +57,28 @@ def test_multisteps_equals_one_big_batch():
         mesh = train_lib.make_mesh(cfg.mesh)
         state, shardings = train_lib.create_sharded_state(cfg, mesh)
         step = train_lib.make_train_step(cfg, mesh, shardings)
+        hyper = train_lib.train_hyperparams(cfg, mesh)
         init = jax.device_get(state["params"])
         for part in np.split(tokens, chunks):
-            state, metrics = step(state, *train_lib.put_batch(mesh, part[:, :-1], part[:, 1:]))
+            state, metrics = step(state, hyper,
+                                  *train_lib.put_batch(mesh, part[:, :-1], part[:, 1:]))
         assert int(state["opt_state"].gradient_step) == 1
         params[chunks] = state["params"]
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params[1], init)
     assert max(jax.tree.leaves(moved)) > 1e-4  # the optimizer step really happened
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  params[1], params[4])
+
+
+@pytest.mark.parametrize("warmup, max_steps", [(50, 500), (0, 100), (10, 7), (3, 3)])
+def test_schedule_is_optax_warmup_cosine_bit_for_bit(warmup, max_steps):
+    """lr_at takes its hyper-parameters as (traceable) arrays, and gives optax's values."""
+    cfg = micro_config(f"train.warmup_steps={warmup}", f"train.max_steps={max_steps}").train
+    w = min(warmup, max_steps)
+    ref = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, w, max(max_steps, w + 1),
+                                             cfg.lr * cfg.min_lr_ratio)
+    steps = np.arange(max_steps + 5)
+    np.testing.assert_array_equal(jax.vmap(lr_schedule(cfg))(steps), jax.vmap(ref)(steps))
 
 
 def test_schedule_and_decay_mask():

@@ -62,7 +62,12 @@ def test_step_between_updates():
     cfg = micro_config("train.grad_accum=2", "mesh.data=1", "train.warmup_steps=0")
     mesh = train_lib.make_mesh(cfg.mesh)
     state, shardings = train_lib.create_sharded_state(cfg, mesh)
-    step = train_lib.make_train_step(cfg, mesh, shardings)
+    make_step = train_lib.make_train_step(cfg, mesh, shardings)
+    hyper = train_lib.train_hyperparams(cfg, mesh)
+
+    def step(state, x, y):
+        return make_step(state, hyper, x, y)
+
     tokens = np.random.default_rng(0).integers(0, 40, (8, 33)).astype(np.int32)
     batch = train_lib.put_batch(mesh, tokens[:, :-1], tokens[:, 1:])
     assert trainer.step_between_updates(state) == 0

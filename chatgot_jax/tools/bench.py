@@ -19,7 +19,6 @@ this command; on GPUs it is the dense tensor-core peak of the table below.
 """
 
 import functools
-import itertools
 import json
 import math
 import os
@@ -105,7 +104,8 @@ class JaxTrainer:
         self.x, self.y = train_lib.put_batch(self.mesh, tokens[rows.start:rows.stop, :-1],
                                              tokens[rows.start:rows.stop, 1:])
         t0 = time.perf_counter()
-        self.compiled = step_fn.lower(self.state, self.x, self.y).compile()
+        self.hyper = train_lib.train_hyperparams(cfg, self.mesh)
+        self.compiled = step_fn.lower(self.state, self.hyper, self.x, self.y).compile()
         self.metrics = None
         self.info = {"compile_s": time.perf_counter() - t0, **memory_figures(self.compiled),
                      "devices": self.mesh.devices.size, "device": jax.devices()[0].device_kind,
@@ -117,7 +117,7 @@ class JaxTrainer:
         times = []
         for _ in range(n):
             t = time.perf_counter()
-            self.state, self.metrics = self.compiled(self.state, self.x, self.y)
+            self.state, self.metrics = self.compiled(self.state, self.hyper, self.x, self.y)
             jax.block_until_ready(self.metrics)
             times.append(time.perf_counter() - t)
         return times
@@ -196,29 +196,6 @@ def bench_sample(cfg: config_lib.Config, new_tokens: int | None, num_samples: in
             "first_token_ms": 1e3 * first_s, "tokens_per_s": B * n / (first_s + rest_s),
             "decode_ms_per_step": 1e3 * rest_s / max(n - 1, 1),
             "decode_tokens_per_s": B * (n - 1) / rest_s if n > 1 else float("nan")}
-
-
-def parse_grid(text: str) -> list[list[str]]:
-    """'a.b=1,2 c.d=x,y' -> [[a.b=1, c.d=x], [a.b=1, c.d=y], [a.b=2, c.d=x], ...]."""
-    axes, keys = [], set()
-    for part in text.split():
-        key, sep, values = part.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot or not section or not field:
-            raise UserError(f"bad --grid part '{part}': write section.field=v1,v2,... "
-                            f"e.g. model.remat=none,full")
-        vals = values.split(",")
-        if not all(vals):
-            raise UserError(f"bad --grid part '{part}': a value is empty")
-        if len(set(vals)) != len(vals):
-            raise UserError(f"bad --grid part '{part}': a value is repeated")
-        if key in keys:
-            raise UserError(f"bad --grid part '{part}': {key} is already an axis")
-        keys.add(key)
-        axes.append([f"{key}={v}" for v in vals])
-    if not axes:
-        raise UserError("--grid is empty: give section.field=v1,v2,... parts")
-    return [list(point) for point in itertools.product(*axes)]
 
 
 def child_argv(args, point: list[str], json_path: str) -> list[str]:
@@ -305,7 +282,7 @@ def run(args):
 
 
 def grid_main(args) -> list[dict]:
-    points = parse_grid(args.grid)
+    points = config_lib.parse_grid(args.grid)
     for point in points:  # refuse a bad key or value before starting any run
         config_lib.load_config(args.variant, overrides=list(args.overrides) + point)
     results = run_grid(args, points)

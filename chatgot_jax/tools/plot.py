@@ -110,6 +110,65 @@ def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out) -> None:
     fig.savefig(out, dpi=100)
 
 
+def band(curves: list[list[tuple[float, float]]]):
+    """(x, mean, min, max) over the curves at the x values they all have."""
+    common = sorted(set.intersection(*(set(x for x, _ in c) for c in curves)))
+    values = [[dict(c)[x] for c in curves] for x in common]
+    return (common, [sum(v) / len(v) for v in values], [min(v) for v in values],
+            [max(v) for v in values])
+
+
+def plot_groups(groups: dict[str, list[pathlib.Path]], out) -> None:
+    """Validation and training loss (nats/char) against tokens: per group of runs (the
+    seeds of one config), the mean as a line and the min-max as a band."""
+    fig, axes = new_figure(1, 2, (14.0, 5.0))
+    for label, dirs in groups.items():
+        runs = [read_metrics(d) for d in dirs if (d / "metrics.jsonl").is_file()]
+        if not runs:
+            continue
+        for ax, (key, title) in zip(axes[0], (("val_loss", "validation loss (nats/char)"),
+                                              ("loss", "training loss (nats/char)"))):
+            curves = [[(r["tokens"], r[key]) for r in (with_tokens(train, val) if key ==
+                                                       "val_loss" else train)
+                       if math.isfinite(r.get(key, math.nan)) and math.isfinite(r["tokens"])]
+                      for train, val in runs]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            x, mean, lo, hi = band(curves)
+            (line,) = ax.plot(x, mean, label=f"{label} ({len(curves)})")
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel("tokens")
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3)
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.savefig(out, dpi=100)
+
+
+SEED_FIELDS = ("seed", "init_seed", "data_seed", "dropout_seed")
+
+
+def group_by_config(dirs: list[pathlib.Path]) -> dict[str, list[pathlib.Path]]:
+    """Run directories whose config.json differ only in seeds, together; each group is
+    labelled by the fields in which the groups differ."""
+    configs = []
+    for d in dirs:
+        path = d / "config.json"
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: is {d} a training run directory?")
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        configs.append({f"{s}.{k}": v for s, fields in cfg.items() for k, v in fields.items()
+                        if not (s == "train" and k in SEED_FIELDS)})
+    keys = sorted({k for c in configs for k in c if len({str(o.get(k)) for o in configs}) > 1})
+    groups: dict[str, list[pathlib.Path]] = {}
+    for d, c in zip(dirs, configs):
+        label = " ".join(f"{k}={c.get(k)}" for k in keys) or "(one config)"
+        groups.setdefault(label, []).append(d)
+    return groups
+
+
 def run_labels(dirs: list[pathlib.Path]) -> list[str]:
     """Each run's directory name, or its path as given where two names clash."""
     names = [d.name for d in dirs]
@@ -120,11 +179,19 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    p.add_argument("--group", action="store_true",
+                   help="runs whose configs differ only in seeds as one curve: the mean and "
+                        "a min-max band, validation and training loss against tokens")
     return p
 
 
 def run(args) -> None:
     dirs = [pathlib.Path(d) for d in args.run_dirs]
+    if args.group:
+        groups = group_by_config(dirs)
+        plot_groups(groups, args.out)
+        print(f"wrote {args.out}: " + "; ".join(f"{k} ({len(v)} runs)" for k, v in groups.items()))
+        return
     runs = {label: read_metrics(d) for label, d in zip(run_labels(dirs), dirs)}
     plot_curves(runs, args.out)
     print(f"wrote {args.out}")

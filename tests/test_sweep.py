@@ -1,0 +1,184 @@
+"""The sweep: vmapped groups equal runs trained alone, reports, groups, resume, bad grids."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import sample
+from chatgot_jax import checkpoint as ckpt
+from chatgot_jax import sweep
+from conftest import MICRO_OVERRIDES, ROOT
+
+ARGS = MICRO_OVERRIDES + ["--max-steps", "6", "--eval-every", "3", "--save-every", "3",
+                          "train.log_every=1", "mesh.data=1", "train.eval_windows=8",
+                          "train.warmup_steps=2"]
+GRID = "train.lr=1e-3,1e-2 model.dropout=0,0.1"
+NAMES = ["lr=1e-3,dropout=0,seed=0", "lr=1e-3,dropout=0.1,seed=0",
+         "lr=1e-2,dropout=0,seed=0", "lr=1e-2,dropout=0.1,seed=0"]
+
+
+def sweep_argv(corpus, out, *extra, grid=GRID):
+    return ["--data", str(corpus), "--out", str(out), "--grid", grid, *ARGS, *extra]
+
+
+def logged(run_dir) -> tuple[dict, dict]:
+    """({step: train loss}, {step: val loss}) of a run's last start."""
+    train, val = {}, {}
+    for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in r:
+            train[r["step"]] = r["loss"]
+        elif "val_loss" in r:
+            val[r["step"]] = r["val_loss"]
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def vmapped(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("sweeps") / "vmapped"
+    rows = sweep.main(sweep_argv(corpus, out))
+    return out, rows
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("sweeps") / "sequential"
+    sweep.main(sweep_argv(corpus, out, "--sequential"))
+    return out
+
+
+def test_vmapped_runs_equal_runs_trained_alone(vmapped, sequential):
+    out, _ = vmapped
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(NAMES)
+    for name in NAMES:
+        (train_v, val_v), (train_s, val_s) = logged(out / name), logged(sequential / name)
+        assert sorted(train_v) == list(range(1, 7)) and sorted(val_v) == [3, 6]
+        for got, want in ((train_v, train_s), (val_v, val_s)):
+            np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
+    # the four runs really differ: per-run lr and dropout reached the vmapped step
+    finals = {name: logged(out / name)[0][6] for name in NAMES}
+    assert len(set(finals.values())) == 4
+
+
+def test_each_run_is_a_normal_run_directory(vmapped, capsys):
+    out, _ = vmapped
+    run = out / NAMES[2]
+    for name in ("config.json", "config-history.jsonl", "provenance.jsonl", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    assert ckpt.existing_steps(run) == [3, 6]
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["lr"] == 1e-2 and config["model"]["dropout"] == 0.0
+    assert config["train"]["seed"] == 0 and config["train"]["sample_tokens"] == 0
+    sample.main(["--checkpoint", str(run), "--prompt", "ARYA: ", "--max-new-tokens", "20",
+                 "--best"])
+    text = capsys.readouterr().out
+    assert text.startswith("ARYA: ") and len(text) >= len("ARYA: ") + 20
+
+
+def test_summary_json_and_md(vmapped):
+    out, rows = vmapped
+    assert json.loads((out / "summary.json").read_text()) == rows
+    assert [r["name"] for r in rows] == NAMES
+    for r in rows:
+        train, val = logged(out / r["name"])
+        assert r["final_val_loss"] == val[6] and r["best_val_loss"] == min(val.values())
+        assert r["complete"] and r["tokens"] == 6 * 8 * 32 and r["seed"] == 0
+        assert r["run_dir"] == str(out / r["name"]) and r["wall_time_s"] > 0
+    table = (out / "summary.md").read_text().splitlines()
+    body = [line for line in table if line.startswith("| train.")]
+    assert len(body) == 4  # one line per config
+    best = [float(line.split("|")[4].split("±")[0]) for line in body]
+    assert best == sorted(best)  # best first
+    by_config = {" ".join(r["overrides"]): r["best_val_loss"] for r in rows}
+    assert body[0].startswith(f"| {min(by_config, key=by_config.get)} | 1/1 |")
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shape_changing_axes_make_groups(tmp_path, corpus, capsys):
+    out = tmp_path / "groups"
+    sweep.main(sweep_argv(corpus, out, "--seeds", "0", "1", "--max-steps", "2",
+                          grid="model.d_hid=32,64"))
+    printed = capsys.readouterr().out
+    assert "group 1/2: 2 runs trained together (d_hid=32,seed=0, d_hid=32,seed=1)" in printed
+    assert "group 2/2: 2 runs trained together (d_hid=64,seed=0, d_hid=64,seed=1)" in printed
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["complete"] for r in rows] == [True] * 4
+    seeds = {r["name"]: logged(out / r["name"])[0][1] for r in rows}
+    assert seeds["d_hid=32,seed=0"] != seeds["d_hid=32,seed=1"]  # seeds are really different
+
+
+def test_resume_after_kill_9(vmapped, tmp_path, corpus):
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "chatgot_jax.sweep", *sweep_argv(corpus, out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline, t0 = 240, time.monotonic()
+        while not all(ckpt.existing_steps(out / n) == [3] for n in NAMES):
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() - t0 < deadline, "no checkpoint at step 3"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "summary.json").exists()
+    sweep.main(sweep_argv(corpus, out))  # the same command
+    for name in NAMES:
+        train, val = logged(out / name)
+        want_train, want_val = logged(vmapped[0] / name)
+        assert {s: train[s] for s in (4, 5, 6)} == {s: want_train[s] for s in (4, 5, 6)}
+        assert val[6] == want_val[6]
+
+
+def run_sweep(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_another_definition_in_the_same_out_is_refused(vmapped, corpus, capsys):
+    out, _ = vmapped
+    before = (out / "sweep.json").read_text()
+    line = run_sweep(sweep_argv(corpus, out, grid="train.lr=1e-3,3e-3"), capsys)
+    assert "holds another sweep (grid ['train.lr=1e-3,1e-2', 'model.dropout=0,0.1'] -> " \
+           "['train.lr=1e-3,3e-3'])" in line
+    assert (out / "sweep.json").read_text() == before
+
+
+@pytest.mark.parametrize("grid, seeds, expected", [
+    ("train.lr", ["0"], "bad grid part 'train.lr'"),
+    ("lr=1e-3,2e-3", ["0"], "bad grid part 'lr=1e-3,2e-3'"),
+    ("train.lr=1e-3,,2e-3", ["0"], "a value is empty"),
+    ("train.lrr=1e-3", ["0"], "unknown config key 'train.lrr'"),
+    ("train.lr=-1", ["0"], "train.lr must be positive"),
+    (" ", ["0"], "the grid is empty"),
+    ("train.lr=1e-3", ["0", "1", "0"], "--seeds has a duplicate: 0 1 0"),
+])
+def test_bad_grids(tmp_path, corpus, capsys, grid, seeds, expected):
+    out = tmp_path / "bad"
+    line = run_sweep(sweep_argv(corpus, out, "--seeds", *seeds, grid=grid), capsys)
+    assert expected in line
+    assert not out.exists()
+
+
+def test_plot_groups_run_directories_by_config(vmapped, tmp_path, capsys):
+    from chatgot_jax.tools import plot
+
+    out, _ = vmapped
+    png = tmp_path / "groups.png"
+    plot.main([*(str(out / n) for n in NAMES), "--group", "--out", str(png)])
+    printed = capsys.readouterr().out
+    assert "model.dropout=0.0 train.lr=0.001 (1 runs)" in printed
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    groups = plot.group_by_config([out / n for n in NAMES] + [out / NAMES[0]])
+    assert len(groups) == 4 and len(groups["model.dropout=0.0 train.lr=0.001"]) == 2
