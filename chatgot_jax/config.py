@@ -35,9 +35,9 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 4
     n_head: int = 4
-    d_hid: int = 1024
-    max_seq_length: int = 256
-    dropout: float = 0.1
+    d_hid: int = 512
+    max_seq_length: int = 64
+    dropout: float = 0.0
     # The original's unused cross-attention to a zero memory (parameter and
     # numerics parity with nn.TransformerDecoderLayer, not quality).
     memory: bool = False
@@ -62,10 +62,10 @@ class TrainConfig:
 
     batch_size: int = 8  # global micro-batch, split over all devices
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50  # optimizer steps of linear warmup
-    max_steps: int = 500  # optimizer steps
+    warmup_steps: int = 100  # optimizer steps of linear warmup
+    max_steps: int = 2500  # optimizer steps
     weight_decay: float = 0.01  # on matrices only (see optim.py)
     beta1: float = 0.9
     beta2: float = 0.99
@@ -76,10 +76,10 @@ class TrainConfig:
     data_seed: int = -1  # batch order
     dropout_seed: int = -1  # dropout masks
     val_fraction: float = 0.1  # the last 10% of the corpus is validation
-    eval_every: int = 100  # optimizer steps
-    eval_windows: int = 64  # fixed validation windows of max_seq_length
+    eval_every: int = 500  # optimizer steps
+    eval_windows: int = 256  # fixed validation windows of max_seq_length
     sample_tokens: int = 200  # characters sampled at each evaluation
-    save_every: int = 100  # optimizer steps
+    save_every: int = 500  # optimizer steps
     keep: int = 3  # last checkpoints kept (the best one is kept as well)
     log_every: int = 10  # optimizer steps between host syncs for metrics
 

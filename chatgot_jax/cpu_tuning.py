@@ -1,7 +1,7 @@
 """CPU tuning, in one place, applied explicitly by the command-line entry points.
 
     prepare_process()            first thing in a command's __main__: XLA flags, then
-                                 re-executes the process with tcmalloc preloaded
+                                 re-executes the process with a faster allocator
     sampling_compiler_options()  jax.jit compiler options for the sampling programs
 
 What each setting buys, with the measurements, is in docs/performance.md.
@@ -13,18 +13,23 @@ import functools
 import os
 import sys
 
-TCMALLOC_SWITCH = "CHATGOT_JAX_TCMALLOC"  # "0" turns the tcmalloc re-exec off
+# auto (default): tcmalloc when installed, else glibc malloc tuned; glibc: the tuned glibc
+# malloc only; off: the process's allocator as it is.
+ALLOCATOR_SWITCH = "CHATGOT_JAX_ALLOCATOR"
+# One arena, no mmap'd chunks, no trimming: XLA's per-step buffers stay mapped between steps.
+GLIBC_MALLOC = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                "glibc.malloc.trim_threshold=4294967295")
 # XLA:CPU's YNNPACK fusions are slower than XLA's own dot emitters for this model.
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def prepare_process() -> None:
-    """XLA flags for the CPU backend, then tcmalloc (may re-execute the process).
+    """XLA flags for the CPU backend, then a faster allocator (may re-execute the process).
 
     Call before JAX starts a backend; a user's own XLA_FLAGS choice is kept.
     """
     set_xla_flags()
-    use_tcmalloc()
+    use_fast_allocator()
 
 
 def set_xla_flags(environ=os.environ) -> None:
@@ -43,24 +48,27 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def use_tcmalloc() -> None:
-    """Re-executes this process (same interpreter, same argv) with tcmalloc preloaded.
+def use_fast_allocator() -> None:
+    """Re-executes this process (same interpreter, same argv) with tcmalloc preloaded, or,
+    without tcmalloc, with glibc's malloc tuned (GLIBC_TUNABLES).
 
     glibc's malloc returns XLA's large per-step buffers to the kernel and faults
-    them in again every step; tcmalloc keeps them. Nothing happens without an
-    installed tcmalloc, when LD_PRELOAD already names an allocator, off Linux, or
-    with CHATGOT_JAX_TCMALLOC=0.
+    them in again every step; both keep them. Nothing happens off Linux, when
+    LD_PRELOAD already names an allocator or GLIBC_TUNABLES already tunes malloc
+    (so the re-executed process goes on), or with CHATGOT_JAX_ALLOCATOR=off.
     """
-    preload = os.environ.get("LD_PRELOAD", "")
-    if (os.environ.get(TCMALLOC_SWITCH) == "0" or "malloc" in preload
+    choice = os.environ.get(ALLOCATOR_SWITCH, "auto")
+    preload, tunables = os.environ.get("LD_PRELOAD", ""), os.environ.get("GLIBC_TUNABLES", "")
+    if (choice == "off" or "malloc" in preload or "glibc.malloc" in tunables
             or not sys.platform.startswith("linux")):
         return
-    library = find_tcmalloc()
-    if library is None:
-        return
-    env = dict(os.environ, LD_PRELOAD=f"{library} {preload}".strip(),
-               # XLA allocates > 1 GiB at once for the small model: no stderr report for it.
-               TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
+    library = find_tcmalloc() if choice == "auto" else None
+    if library is not None:
+        env = dict(os.environ, LD_PRELOAD=f"{library} {preload}".strip(),
+                   # XLA allocates > 1 GiB at once for the small model: no report for it.
+                   TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
+    else:
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, GLIBC_MALLOC])))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

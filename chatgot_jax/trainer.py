@@ -123,10 +123,11 @@ def evaluate(eval_step, params, data: RunData, batch_size: int, mesh) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
-def sample_text(params, cfg, data: RunData) -> str:
-    """A short sample (prompt included) for the log, or ""; with several processes,
-    process 0 samples alone."""
-    if cfg.train.sample_tokens == 0:
+def sample_text(params, cfg, data: RunData, n_tokens: int | None = None) -> str:
+    """A sample of n_tokens (default train.sample_tokens; prompt included) for the log,
+    or ""; with several processes, process 0 samples alone."""
+    n_tokens = cfg.train.sample_tokens if n_tokens is None else n_tokens
+    if n_tokens == 0:
         return ""
     from chatgot_jax import sampling  # noqa: PLC0415 (keeps the sampler's compile lazy)
     if jax.process_count() > 1:  # every process takes part in the gather
@@ -136,8 +137,7 @@ def sample_text(params, cfg, data: RunData) -> str:
         if jax.process_index() != 0:
             return ""
     text = sampling.generate(params, cfg.model, data.tokenizer, data.prompt,
-                             max_new_tokens=cfg.train.sample_tokens, temperature=0.8,
-                             seed=cfg.train.seed)[0]
+                             max_new_tokens=n_tokens, temperature=0.8, seed=cfg.train.seed)[0]
     return data.prompt + text
 
 
@@ -358,9 +358,28 @@ def step_between_updates(state) -> int | None:
     return None if int(opt_state.mini_step) else int(opt_state.gradient_step)
 
 
+FINAL_SAMPLE_TOKENS = 300
+
+
+def final_sample(run: Run, best: tuple[float, int] | None) -> None:
+    """At the end of a run, a longer sample from its best checkpoint."""
+    if not run.cfg.train.sample_tokens or best is None or run.interrupted:
+        return
+    val, step = best
+    params = run.state["params"]
+    if step != run.step:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=x.sharding), run.state)
+        params = ckpt.restore_state(run.manager, step, abstract)["params"]
+    text = sample_text(params, run.cfg, run.data, FINAL_SAMPLE_TOKENS)
+    run.log.print(f"--- the best checkpoint's sample (step {step}, val {val:.4f} nats/char, "
+                  f"{val / math.log(2):.4f} bits/char) ---\n{text}\n--------------")
+
+
 def finish(run: Run) -> dict:
     """The end-of-run summary; its best validation loss is over the run's checkpoints."""
     best = ckpt.best_checkpoint(run.manager)
+    final_sample(run, best)
     best_val = min(run.best_val, best[0] if best else math.inf)
     return summary_of(run.run_dir, run.step, run.cfg,
                       best_val if math.isfinite(best_val) else None,

@@ -28,7 +28,9 @@ from chatgot_jax import config as config_lib  # noqa: E402
 from chatgot_jax.config import ModelConfig  # noqa: E402
 
 # The micro model of every test: a ModelConfig's fields, and the same as overrides.
-MICRO = dict(vocab_size=40, d_model=32, n_layers=2, n_head=4, d_hid=64, max_seq_length=32)
+# Dropout on (the default recipe has none) so that the tests exercise it.
+MICRO = dict(vocab_size=40, d_model=32, n_layers=2, n_head=4, d_hid=64, max_seq_length=32,
+             dropout=0.1)
 MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO.items() if k != "vocab_size"]
 
 

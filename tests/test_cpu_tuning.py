@@ -1,4 +1,4 @@
-"""CPU tuning: the tcmalloc re-exec and the XLA flags the entry points apply."""
+"""CPU tuning: the allocator re-exec and the XLA flags the entry points apply."""
 
 import os
 import subprocess
@@ -9,13 +9,16 @@ import pytest
 from chatgot_jax import cpu_tuning
 from chatgot_jax.cpu_tuning import find_tcmalloc
 
-PROBE = ("from chatgot_jax.cpu_tuning import use_tcmalloc; use_tcmalloc(); "
-         "maps = open('/proc/self/maps').read(); print('tcmalloc' in maps, 'malloc' in "
-         "__import__('os').environ.get('LD_PRELOAD', ''))")
+# Re-executes itself as the entry points do, then reports: tcmalloc mapped, LD_PRELOAD
+# names an allocator, GLIBC_TUNABLES tunes malloc.
+PROBE = ("from chatgot_jax.cpu_tuning import use_fast_allocator; use_fast_allocator(); "
+         "import os; maps = open('/proc/self/maps').read(); print('tcmalloc' in maps, "
+         "'malloc' in os.environ.get('LD_PRELOAD', ''), "
+         "'glibc.malloc' in os.environ.get('GLIBC_TUNABLES', ''))")
 
 
 def probe(**env):
-    clean = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                           env={**clean, **env}, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -23,12 +26,13 @@ def probe(**env):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's dynamic loader")
-def test_reexec_preloads_tcmalloc_when_installed():
+def test_reexec_with_a_faster_allocator():
     if find_tcmalloc() is None:
-        assert probe() == ["False", "False"]  # nothing to preload: the process runs as it is
+        assert probe() == ["False", "False", "True"]  # no tcmalloc: glibc's malloc tuned
     else:
-        assert probe() == ["True", "True"]  # re-executed with the library loaded
-    assert probe(CHATGOT_JAX_TCMALLOC="0") == ["False", "False"]
+        assert probe() == ["True", "True", "False"]  # re-executed with tcmalloc loaded
+    assert probe(CHATGOT_JAX_ALLOCATOR="glibc") == ["False", "False", "True"]
+    assert probe(CHATGOT_JAX_ALLOCATOR="off") == ["False", "False", "False"]
 
 
 def test_xla_flags_keep_the_users_choice():

@@ -41,7 +41,9 @@ def test_design_doc_figures():
     small = dict(d_model=768, n_layers=12, n_head=12, d_hid=3072, max_seq_length=1024)
     assert sum(count_params(ModelConfig(**small)).values()) == 85_989_984
     assert sum(count_params(ModelConfig(**small, memory=True)).values()) == 114_356_832
-    assert sum(count_params(ModelConfig()).values()) == 3_274_336  # tiny, vocab 96
+    tiny_doc = dict(d_hid=1024, max_seq_length=256)  # configs/tiny-doc.yaml's shape
+    assert sum(count_params(ModelConfig(**tiny_doc)).values()) == 3_274_336  # vocab 96
+    assert sum(count_params(ModelConfig()).values()) == 2_174_560  # tiny: d_hid 512, context 64
 
 
 def test_params_cli_last_line(capsys):
