@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices (before jax is imported), micro configs and corpora."""
 
+import hashlib
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -58,3 +60,13 @@ def micro_cfg():
 def corpus(tmp_path_factory):
     """A script corpus file (300 lines, three speakers)."""
     return write_script_corpus(tmp_path_factory.mktemp("corpus") / "scripts.txt")
+
+
+def tree_digest(path: pathlib.Path) -> str:
+    """A hash of every file's relative path and bytes under path: equal = unchanged."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,8 +1,5 @@
 """Bad input through the CLI entry points: one stderr line, exit status 2, nothing written."""
 
-import hashlib
-import pathlib
-
 import pytest
 
 import sample
@@ -11,7 +8,7 @@ from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
 from chatgot_jax import train_lib
 from chatgot_jax.data import CharTokenizer
-from conftest import MICRO_OVERRIDES
+from conftest import MICRO_OVERRIDES, tree_digest
 
 MICRO = MICRO_OVERRIDES + ["train.batch_size=8"]
 
@@ -24,15 +21,6 @@ def run_cli(main, argv, capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
-
-
-def tree_digest(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

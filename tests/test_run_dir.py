@@ -1,12 +1,17 @@
-"""run_dir.inspect: what a run directory holds, checked before anything is written."""
+"""Run directories: what they hold (inspect), drift, finished runs, one writer, provenance, paths."""
+
+import json
+import shutil
+import subprocess
 
 import pytest
 
+import train
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import run_dir, train_lib
 from chatgot_jax.data import CharTokenizer
 from chatgot_jax.errors import InvalidArgument, UserError
-from conftest import micro_config
+from conftest import MICRO_OVERRIDES, micro_config, tree_digest, write_script_corpus
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +59,9 @@ def test_paths_that_cannot_hold_a_run(tmp_path):
 
 # ---------------------------------------------------------------- through train.py
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-
-import train  # noqa: E402
-from conftest import MICRO_OVERRIDES, write_script_corpus  # noqa: E402
 
 ARGS = MICRO_OVERRIDES + ["train.batch_size=8", "mesh.data=1", "train.eval_windows=8",
                           "train.sample_tokens=0", "--max-steps", "2", "--eval-every", "2"]
-
-
-def tree_digest(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def run_train(argv, capsys, code=0):

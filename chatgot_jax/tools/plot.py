@@ -101,9 +101,17 @@ def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out) -> None:
                 if pts:
                     ax.plot(*zip(*pts), marker="o" if row else None, markersize=3,
                             label=label)
-                ax.set_xlabel(xlabel)
-                ax.set_ylabel(ylabel)
-                ax.grid(alpha=0.3)
+                label_axis(ax, xlabel, ylabel)
+    save_with_legends(fig, axes, out)
+
+
+def label_axis(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def save_with_legends(fig, axes, out) -> None:
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -138,13 +146,8 @@ def plot_groups(groups: dict[str, list[pathlib.Path]], out) -> None:
             x, mean, lo, hi = band(curves)
             (line,) = ax.plot(x, mean, label=f"{label} ({len(curves)})")
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
-            ax.set_xlabel("tokens")
-            ax.set_ylabel(title)
-            ax.grid(alpha=0.3)
-    for ax in axes.flat:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.savefig(out, dpi=100)
+            label_axis(ax, "tokens", title)
+    save_with_legends(fig, axes, out)
 
 
 SEED_FIELDS = ("seed", "init_seed", "data_seed", "dropout_seed")
