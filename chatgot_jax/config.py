@@ -84,6 +84,10 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between host syncs for metrics
 
 
+# TrainConfig's seeds: runs whose configs differ only in these are seeds of one config.
+SEED_FIELDS = ("seed", "init_seed", "data_seed", "dropout_seed")
+
+
 def seed_of(cfg: TrainConfig, stream: str) -> int:
     """The seed of one random stream ("init", "data" or "dropout"): its own field, or train.seed."""
     value = getattr(cfg, f"{stream}_seed")

@@ -33,7 +33,6 @@ from chatgot_jax.errors import UserError
 PER_RUN = ("train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
            "train.beta1", "train.beta2", "train.grad_clip", "train.seed", "train.init_seed",
            "train.data_seed", "train.dropout_seed", "model.dropout")
-SEED_FIELDS = ("train.seed", "train.init_seed", "train.data_seed", "train.dropout_seed")
 
 
 @dataclasses.dataclass(frozen=True)

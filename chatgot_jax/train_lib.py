@@ -99,6 +99,12 @@ def init_state(cfg: Config, rng_seed: int | None = None):
     }
 
 
+def tokens_trained(cfg: Config, step: int) -> int:
+    """Tokens trained after `step` optimizer steps."""
+    t = cfg.train
+    return step * t.grad_accum * t.batch_size * cfg.model.max_seq_length
+
+
 def optimizer_step(state) -> int:
     """Optimizer steps done (fetched from the device)."""
     return int(jax.device_get(state["opt_state"].gradient_step))

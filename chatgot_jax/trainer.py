@@ -69,6 +69,7 @@ class RunData:
     train_tokens: np.ndarray
     val_x: np.ndarray  # fixed validation windows, a multiple of the batch size
     val_y: np.ndarray
+    val_chars: int  # the validation split's length
     prompt: str  # the evaluation samples' prompt
     identity: dict  # data.corpus_identity: source and content hash
 
@@ -89,7 +90,8 @@ def prepare_data(cfg: config_lib.Config, data_path, saved_tokenizer=None):
     val_x, val_y = data_lib.eval_windows(val_tokens, n=n_eval, seq_len=seq_len)
     prompt = sample_prompt(text[len(train_tokens):])
     identity = data_lib.corpus_identity(data_path, text)
-    return cfg, RunData(tokenizer, train_tokens, val_x, val_y, prompt, identity)
+    return cfg, RunData(tokenizer, train_tokens, val_x, val_y, len(val_tokens), prompt,
+                        identity)
 
 
 def sample_prompt(val_text: str) -> str:
@@ -160,11 +162,6 @@ class Run:
     best_val: float = math.inf
     last_val: float | None = None  # validation loss at `step`, if evaluated there
     interrupted: bool = False
-
-    @property
-    def tokens(self) -> int:
-        tcfg = self.cfg.train
-        return self.step * tcfg.grad_accum * tcfg.batch_size * self.cfg.model.max_seq_length
 
 
 def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: str,
@@ -239,7 +236,7 @@ def setup(cfg, existing: run_dir_lib.Existing, data: RunData, run_dir: pathlib.P
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     t = cfg.train
     run.log.print(f"model: {n_params:,} parameters | vocab {data.tokenizer.vocab_size} | "
-                  f"{len(data.train_tokens):,} train / {data.val_x.size:,} val chars | "
+                  f"{len(data.train_tokens):,} train / {data.val_chars:,} val chars | "
                   f"{mesh.devices.size} device(s) {jax.devices()[0].platform} | batch "
                   f"{t.batch_size} x {t.grad_accum} accum x {cfg.model.max_seq_length} | "
                   f"run dir {run_dir}"
@@ -302,7 +299,8 @@ def log_metrics(run: Run, record: dict | None, bar) -> None:
         return
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                     lr=f"{record['lr']:.2e}")
-    run.log.write({"step": run.step, **record, "tokens": run.tokens,
+    run.log.write({"step": run.step, **record,
+                   "tokens": train_lib.tokens_trained(run.cfg, run.step),
                    "time": time.time() - run.t_start})
 
 
@@ -390,10 +388,8 @@ def finish(run: Run) -> dict:
 def summary_of(run_dir, step: int, cfg, best_val: float | None, wall_time_s: float,
                interrupted: bool = False, prompt: str | None = None) -> dict:
     """The summary dict; with a prompt (a run that trained), process 0 prints it."""
-    tcfg = cfg.train
     summary = {
-        "steps": step, "tokens": step * tcfg.grad_accum * tcfg.batch_size
-        * cfg.model.max_seq_length, "wall_time_s": wall_time_s,
+        "steps": step, "tokens": train_lib.tokens_trained(cfg, step), "wall_time_s": wall_time_s,
         "best_val_loss": best_val,
         "best_val_bpc": None if best_val is None else best_val / math.log(2),
         "checkpoint": str(run_dir / ckpt.CKPT_SUBDIR), "interrupted": interrupted,

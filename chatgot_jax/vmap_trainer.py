@@ -209,13 +209,9 @@ def log_records(members: list[Member], record: dict | None, step: int) -> None:
             continue
         m.log.write({"step": step, "loss": float(record["loss"][k]),
                      "lr": float(record["lr"][k]), "tokens_per_s": record["tokens_per_s"],
-                     "grad_norm": float(record["grad_norm"][k]), "tokens": tokens(m.cfg, step),
+                     "grad_norm": float(record["grad_norm"][k]),
+                     "tokens": train_lib.tokens_trained(m.cfg, step),
                      "time": time.time() - m.t_start})
-
-
-def tokens(cfg, step: int) -> int:
-    t = cfg.train
-    return step * t.grad_accum * t.batch_size * cfg.model.max_seq_length
 
 
 def evaluate(members: list[Member], eval_step, params, mesh, step: int, bar) -> None:

@@ -12,6 +12,7 @@ import math
 import pathlib
 
 from chatgot_jax import cli
+from chatgot_jax import config as config_lib
 from chatgot_jax.errors import UserError
 
 
@@ -150,9 +151,6 @@ def plot_groups(groups: dict[str, list[pathlib.Path]], out) -> None:
     save_with_legends(fig, axes, out)
 
 
-SEED_FIELDS = ("seed", "init_seed", "data_seed", "dropout_seed")
-
-
 def group_by_config(dirs: list[pathlib.Path]) -> dict[str, list[pathlib.Path]]:
     """Run directories whose config.json differ only in seeds, together; each group is
     labelled by the fields in which the groups differ."""
@@ -163,7 +161,7 @@ def group_by_config(dirs: list[pathlib.Path]) -> dict[str, list[pathlib.Path]]:
             raise UserError(f"{path} does not exist: is {d} a training run directory?")
         cfg = json.loads(path.read_text(encoding="utf-8"))
         configs.append({f"{s}.{k}": v for s, fields in cfg.items() for k, v in fields.items()
-                        if not (s == "train" and k in SEED_FIELDS)})
+                        if not (s == "train" and k in config_lib.SEED_FIELDS)})
     keys = sorted({k for c in configs for k in c if len({str(o.get(k)) for o in configs}) > 1})
     groups: dict[str, list[pathlib.Path]] = {}
     for d, c in zip(dirs, configs):
