@@ -16,9 +16,15 @@ import sys
 # auto (default): tcmalloc when installed, else glibc malloc tuned; glibc: the tuned glibc
 # malloc only; off: the process's allocator as it is.
 ALLOCATOR_SWITCH = "CHATGOT_JAX_ALLOCATOR"
-# One arena, no mmap'd chunks, no trimming: XLA's per-step buffers stay mapped between steps.
-GLIBC_MALLOC = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                "glibc.malloc.trim_threshold=4294967295")
+# No mmap'd chunks, no trimming, one arena per core: XLA's per-step buffers stay mapped
+# between steps. With the default arena count its worker threads' arenas still fault
+# their buffers in every step; with a single arena those threads contend for its lock.
+GLIBC_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+
+
+def glibc_malloc_tunables() -> str:
+    """GLIBC_TUNABLES for XLA's allocation pattern (see GLIBC_MALLOC)."""
+    return f"glibc.malloc.arena_max={max(2, os.cpu_count() or 1)}:{GLIBC_MALLOC}"
 # XLA:CPU's YNNPACK fusions are slower than XLA's own dot emitters for this model.
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
@@ -68,7 +74,7 @@ def use_fast_allocator() -> None:
                    # XLA allocates > 1 GiB at once for the small model: no report for it.
                    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
     else:
-        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, GLIBC_MALLOC])))
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, glibc_malloc_tunables()])))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
