@@ -20,7 +20,15 @@ from chatgot_jax.tools import torch_model  # noqa: E402
 from conftest import MICRO  # noqa: E402
 
 TINY = dict(vocab_size=40, d_model=256, n_layers=4, n_head=4, d_hid=1024, max_seq_length=64)
-TOL = 1e-4
+# Parity tolerance on logits and loss, both float32. Measured over seeds 0-3:
+# the largest logit difference is 4.8e-7..6.0e-7 for the micro shapes and
+# 2.4e-6..3.6e-6 for the tiny ones (d_model 256, d_hid 1024), the loss
+# difference at most 7.2e-7. The logits reach |4.4| (tiny), where a float32
+# ulp is 4.8e-7: the tiny model's difference is ~7 ulps, from PyTorch and XLA
+# summing the same 256- and 1024-term dot products in different orders. 1e-5
+# (~20 ulps) leaves 2.8x over the largest measured, and the wrong-numerics
+# controls below exceed it by 30x and more.
+TOL = 1e-5
 
 
 def make_torch(cfg: ModelConfig, layout: str, seed: int = 0):
@@ -38,9 +46,19 @@ def jax_forward(cfg: ModelConfig):
     return jax.jit(lambda params, tokens: Decoder(cfg).apply({"params": params}, tokens))
 
 
-def compare(cfg: ModelConfig, layout: str, batch: int = 2, seed: int = 0):
-    """-> (max |logit diff|, |loss diff|) of the torch model and its conversion."""
+def compare(cfg: ModelConfig, layout: str, batch: int = 2, seed: int = 0,
+            jax_cfg: ModelConfig | None = None, embedding_scale: float = 1.0):
+    """-> (max |logit diff|, |loss diff|) of the torch model and its conversion.
+
+    jax_cfg: the JAX side's config (default cfg; the negative controls give it
+    other numerics). embedding_scale multiplies the torch token and position
+    embeddings (before conversion, so both sides get them).
+    """
     model = make_torch(cfg, layout, seed)
+    if embedding_scale != 1.0:
+        with torch.no_grad():
+            model.tok_emb.weight.mul_(embedding_scale)
+            model.pos_emb.weight.mul_(embedding_scale)
     params = tw.torch_to_params(model.state_dict(), cfg, layout)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, cfg.vocab_size, (batch, cfg.max_seq_length + 1))
@@ -49,7 +67,7 @@ def compare(cfg: ModelConfig, layout: str, batch: int = 2, seed: int = 0):
         ref = model(torch.from_numpy(x))
         ref_loss = torch.nn.functional.cross_entropy(
             ref.reshape(-1, cfg.vocab_size), torch.from_numpy(y).reshape(-1)).item()
-    logits = jax_forward(cfg)(params, jnp.asarray(x, jnp.int32))
+    logits = jax_forward(jax_cfg or cfg)(params, jnp.asarray(x, jnp.int32))
     loss = float(cross_entropy(logits, jnp.asarray(y, jnp.int32)))
     return float(np.max(np.abs(np.asarray(logits) - ref.numpy()))), abs(loss - ref_loss)
 
@@ -70,6 +88,32 @@ def test_numerics_flags_match_torch():
                  layer_norm_eps=1e-6)
     logit_diff, loss_diff = compare(cfg, "decoder", seed=1)
     assert logit_diff <= TOL and loss_diff <= TOL, (logit_diff, loss_diff)
+
+
+# Embeddings scaled by 0.01 for the wrong-numerics controls. nn.Embedding's
+# N(0, 1) init makes the first LayerNorm's input (token + position embedding)
+# of variance ~2, against which eps 1e-5 or 1e-6 changes the normalised output
+# by a factor sqrt((2 + 1e-5) / (2 + 1e-6)) ~ 1 + 2e-6: the wrong eps then moves
+# the logits by 7.4e-6 only (measured), under TOL. Scaled by 0.01 the variance
+# is ~2e-4 and the factor sqrt((2e-4 + 1e-5) / (2e-4 + 1e-6)) ~ 1.02, a 2%
+# change of every first-LayerNorm output.
+SMALL_EMBEDDINGS = 0.01
+
+
+@pytest.mark.parametrize("layout", tw.LAYOUTS)
+@pytest.mark.parametrize("wrong", [dict(layer_norm_eps=1e-6), dict(gelu_approximate=True)],
+                         ids=["eps-1e-6", "gelu-tanh"])
+def test_wrong_numerics_fail_the_tolerance(layout, wrong):
+    """Negative controls: the JAX side built with LayerNorm eps 1e-6 (PyTorch's is
+    1e-5) or the tanh GELU (PyTorch's nn.GELU() is the exact erf form) misses
+    TOL by over 10x on the same weights where the right config meets it.
+    (Measured: eps 6.6e-2..8.5e-2, ~7000x TOL; GELU 3.2e-4..3.4e-4, ~30x TOL.)"""
+    cfg = config(MICRO, layout)
+    right, _ = compare(cfg, layout, embedding_scale=SMALL_EMBEDDINGS)
+    assert right <= TOL, right
+    logit_diff, _ = compare(cfg, layout, jax_cfg=dataclasses.replace(cfg, **wrong),
+                            embedding_scale=SMALL_EMBEDDINGS)
+    assert logit_diff > 10 * TOL, logit_diff
 
 
 @pytest.mark.parametrize("layout", tw.LAYOUTS)
