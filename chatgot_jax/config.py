@@ -21,6 +21,8 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")  # model.py maps them
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "dot_product")
+MEMORY_LENGTHS = (0, 1)
+POSITIONS = ("learned", "sinusoidal")
 
 
 class ConfigError(UserError):
@@ -38,9 +40,16 @@ class ModelConfig:
     d_hid: int = 512
     max_seq_length: int = 64
     dropout: float = 0.0
-    # The original's unused cross-attention to a zero memory (parameter and
-    # numerics parity with nn.TransformerDecoderLayer, not quality).
+    # The original's unused cross-attention sublayer (parameter and numerics
+    # parity with nn.TransformerDecoderLayer, not quality). memory_length 1: it
+    # attends to one zero vector (the original's early code); 0: to an empty
+    # memory, which in PyTorch adds exactly out_proj.bias (its later code).
     memory: bool = False
+    memory_length: int = 1  # one of MEMORY_LENGTHS
+    head_bias: bool = True  # the output head's bias (the original's later code has none)
+    # learned: a trained position table; sinusoidal: the fixed sin/cos table of the
+    # original's first code (computed, never trained).
+    position: str = "learned"  # one of POSITIONS
     remat: str = "none"  # one of REMAT_POLICIES
     compute_dtype: str = "float32"  # one of COMPUTE_DTYPES (params stay float32)
     # einsum: explicit causal softmax with dropout on the attention weights.
@@ -111,7 +120,7 @@ class Config:
 
 # Fields that fix the parameters' shapes: a run resumes only if these match.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_head", "d_hid", "max_seq_length",
-                "memory")
+                "memory", "memory_length", "head_bias", "position")
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
@@ -254,10 +263,12 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     for name, allowed in (("remat", REMAT_POLICIES), ("compute_dtype", COMPUTE_DTYPES),
-                          ("attention", ATTENTION_IMPLS)):
+                          ("attention", ATTENTION_IMPLS), ("memory_length", MEMORY_LENGTHS),
+                          ("position", POSITIONS)):
         if getattr(m, name) not in allowed:
             raise ConfigError(
-                f"model.{name} must be one of {', '.join(allowed)}, got '{getattr(m, name)}'")
+                f"model.{name} must be one of {', '.join(map(str, allowed))}, "
+                f"got '{getattr(m, name)}'")
     positive("train", t, "batch_size", "grad_accum", "lr", "max_steps", "eval_every",
              "eval_windows", "save_every", "keep", "log_every", "grad_clip")
     for name in ("warmup_steps", "sample_tokens", "weight_decay", "seed"):

@@ -26,9 +26,16 @@ def _code_points(text: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class CharTokenizer:
-    """Maps each corpus character to an id; id 0 (UNK_ID) is for unknown chars."""
+    """Maps each vocabulary character to an id.
+
+    unk=True (this project's runs): id 0 (UNK_ID) is for unknown characters and
+    the sorted characters take ids 1..n. unk=False (the original ChatGoT's
+    vocab.json): the sorted characters take ids 0..n-1 and there is no unknown id,
+    so text outside the vocabulary is refused.
+    """
 
     chars: str
+    unk: bool = True
 
     def __post_init__(self):
         if not self.chars or "".join(sorted(set(self.chars))) != self.chars:
@@ -42,7 +49,7 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars) + 1
+        return len(self.chars) + self.unk
 
     @property
     def dtype(self) -> np.dtype:
@@ -54,11 +61,15 @@ class CharTokenizer:
     def _table(self) -> np.ndarray:
         codes = _code_points(self.chars)
         table = np.zeros(int(codes.max()) + 1, dtype=self.dtype)
-        table[codes] = np.arange(1, len(codes) + 1)
+        table[codes] = np.arange(self.unk, len(codes) + self.unk)
         return table
 
     def encode(self, text: str) -> np.ndarray:
-        """Ids for `text`; characters outside the vocabulary become UNK_ID."""
+        """Ids for `text`; characters outside the vocabulary become UNK_ID (a UserError
+        without an unknown id)."""
+        if not self.unk and (unknown := self.unknown_chars(text)):
+            raise UserError(f"{len(unknown)} characters are not in the vocabulary, which has "
+                            f"no unknown id: {', '.join(map(repr, unknown[:20]))}")
         codes, table = _code_points(text), self._table
         known = codes < len(table)
         ids = np.zeros(len(codes), dtype=self.dtype)
@@ -71,7 +82,7 @@ class CharTokenizer:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise UserError(f"token id out of range for vocab_size {self.vocab_size}; "
                             "use the tokenizer saved with this model")
-        codes = _code_points(UNK_CHAR + self.chars)[ids]
+        codes = _code_points(UNK_CHAR * self.unk + self.chars)[ids]
         return codes.tobytes().decode("utf-32-le", "surrogatepass")
 
     def unknown_chars(self, text: str) -> str:
@@ -79,22 +90,41 @@ class CharTokenizer:
         return "".join(sorted(set(text) - set(self.chars)))
 
     def to_json(self) -> str:
-        return json.dumps({"type": "char", "chars": self.chars, "unk_id": UNK_ID,
+        return json.dumps({"type": "char", "chars": self.chars,
+                           "unk_id": UNK_ID if self.unk else None,
                            "vocab_size": self.vocab_size}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, s: str) -> "CharTokenizer":
+        """This project's tokenizer JSON, or the original ChatGoT's vocab.json."""
         try:
             obj = json.loads(s)
         except (ValueError, TypeError) as e:
             raise UserError(f"tokenizer JSON is malformed ({e}); re-save the tokenizer") from None
+        if isinstance(obj, dict) and "chars" not in obj and obj:
+            return cls.from_vocab(obj)
         chars = obj.get("chars") if isinstance(obj, dict) else None
+        unk_id = obj.get("unk_id", UNK_ID) if isinstance(obj, dict) else None
         if (not isinstance(chars, str) or obj.get("type") != "char"
-                or obj.get("unk_id", UNK_ID) != UNK_ID
-                or obj.get("vocab_size", len(chars) + 1) != len(chars) + 1):
-            raise UserError("tokenizer JSON is not a char tokenizer with unk_id 0 and "
-                            "vocab_size = len(chars) + 1; re-save the tokenizer")
-        return cls(chars)
+                or unk_id not in (UNK_ID, None)
+                or obj.get("vocab_size") not in (None, len(chars) + (unk_id is not None))):
+            raise UserError("tokenizer JSON is not a char tokenizer with unk_id 0 (or null) and "
+                            "vocab_size = len(chars) (+ 1 with unk_id 0); re-save the tokenizer")
+        return cls(chars, unk=unk_id is not None)
+
+    @classmethod
+    def from_vocab(cls, vocab: dict) -> "CharTokenizer":
+        """The original ChatGoT's vocab.json: {char: id}, ids 0..n-1 in sorted character
+        order, no unknown id."""
+        if not all(isinstance(c, str) and len(c) == 1 for c in vocab):
+            bad = next(c for c in vocab if not (isinstance(c, str) and len(c) == 1))
+            raise UserError(f"the vocabulary is not a character vocabulary: its entry {bad!r} "
+                            "is not one character")
+        chars = "".join(sorted(vocab))
+        if [vocab[c] for c in chars] != list(range(len(chars))):
+            raise UserError("the vocabulary's ids are not 0..n-1 in sorted character order, "
+                            "which this project's char tokenizer needs")
+        return cls(chars, unk=False)
 
     def save(self, path) -> None:
         try:
@@ -106,12 +136,28 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path) -> "CharTokenizer":
+        """A tokenizer.json saved with a run, or the original ChatGoT's tokenizer
+        directory (vocab.json + tokenizer_config.json) or vocab.json."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            config = os.path.join(path, "tokenizer_config.json")
+            if os.path.isfile(config):
+                try:
+                    with open(config, encoding="utf-8") as f:
+                        kind = json.load(f).get("model_type")
+                except (OSError, ValueError, AttributeError):
+                    raise UserError(f"cannot read {config} as a JSON object") from None
+                if kind != "char":
+                    raise UserError(f"{config} says model_type {kind!r}: only char "
+                                    "tokenizers are supported")
+            path = os.path.join(path, "vocab.json")
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_json(f.read())
         except FileNotFoundError:
             raise UserError(f"tokenizer file {path} not found; pass the tokenizer.json "
-                            "saved with the checkpoint") from None
+                            "saved with the checkpoint (or the original's tokenizer "
+                            "directory)") from None
         except (OSError, UnicodeDecodeError, UserError) as e:
             raise UserError(f"cannot load tokenizer file {path}: {e}") from None
 

@@ -11,6 +11,7 @@ KV cache), D d_model, H heads, K head dim, F d_hid, V vocab, L layers, N = B*H.
 The blocks are pre-LN like PyTorch's nn.TransformerDecoderLayer(norm_first=True):
     x = x + Dropout(SelfAttention(LN1(x)))
     x = x + Dropout(MemoryAttention(LNm(x), zeros))   # only with cfg.memory
+    x = x + Dropout(out_proj.bias)                    # ... and memory_length 0
     x = x + Dropout(Linear(Dropout(GELU(Linear(LN2(x))))))
 and are stacked with nn.scan (params carry a leading L axis) inside nn.remat.
 """
@@ -20,6 +21,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from chatgot_jax.config import ModelConfig
@@ -156,10 +158,12 @@ class Block(nn.Module):
 
 
 class MemoryAttention(nn.Module):
-    """The original's cross-attention sublayer, attending to one zero memory vector.
+    """The original's cross-attention sublayer, attending to cfg.memory_length (1 or 0)
+    zero memory vectors.
 
-    Its output never depends on the tokens (softmax over one key is 1); it is
-    here for parameter and numerics parity with PyTorch, not for quality.
+    Its output never depends on the tokens (softmax over one key is 1; over none,
+    PyTorch's output is zero before out_proj); it is here for parameter and
+    numerics parity with PyTorch, not for quality.
     """
 
     cfg: ModelConfig
@@ -169,18 +173,25 @@ class MemoryAttention(nn.Module):
         cfg = self.cfg
         B, T, D = x_BxTxD.shape
         H, K = cfg.n_head, cfg.head_dim
+        S = cfg.memory_length
         h = layer_norm(cfg, "ln")(x_BxTxD)
-        memory_Bx1xD = jnp.zeros((B, 1, D), cfg.compute_dtype)
+        memory_BxSxD = jnp.zeros((B, S, D), cfg.compute_dtype)
         q = dense(D, cfg, "q")(h).reshape(B, T, H, K)
-        kv = dense(2 * D, cfg, "kv")(memory_Bx1xD).reshape(B, 1, 2 * H, K)
-        k, v = jnp.split(kv, 2, axis=2)
-        drop_rng = None if rate is None else self.make_rng("dropout")
-        ctx = attend(cfg, q, k, v, jnp.ones((T, 1), bool), drop_rng, rate=rate)
+        kv = dense(2 * D, cfg, "kv")(memory_BxSxD).reshape(B, S, 2 * H, K)
+        if S == 0:
+            # No key to attend to: PyTorch's attention gives zeros, so the sublayer is
+            # out_proj.bias. q and kv exist for the parameters (XLA drops their work).
+            ctx = jnp.zeros((B, T, H, K), cfg.compute_dtype)
+        else:
+            k, v = jnp.split(kv, 2, axis=2)
+            drop_rng = None if rate is None else self.make_rng("dropout")
+            ctx = attend(cfg, q, k, v, jnp.ones((T, S), bool), drop_rng, rate=rate)
         return dense(D, cfg, "out")(ctx.reshape(B, T, D))
 
 
 class Decoder(nn.Module):
-    """Token + learned position embeddings, L scanned blocks, final LN, untied head.
+    """Token + position embeddings (learned, or a fixed sinusoidal table), L scanned
+    blocks, final LN, untied head (with or without bias).
 
     unstacked=True runs the layers as L separate modules block_0 .. block_{L-1}
     (params from unstack_layers) instead of one nn.scan over stacked weights: a
@@ -204,8 +215,13 @@ class Decoder(nn.Module):
         T = tokens_BxT.shape[1]
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
                          name="tok_emb")
-        pos_emb = self.param("pos_emb", nn.initializers.normal(0.02),
-                             (cfg.max_seq_length, cfg.d_model), jnp.float32)
+        if cfg.position == "sinusoidal":  # a fixed table: no gradient (train_lib: no update)
+            pos_emb = jax.lax.stop_gradient(self.param(
+                "pos_emb", lambda _, shape, dtype: sinusoidal_table(*shape).astype(dtype),
+                (cfg.max_seq_length, cfg.d_model), jnp.float32))
+        else:
+            pos_emb = self.param("pos_emb", nn.initializers.normal(0.02),
+                                 (cfg.max_seq_length, cfg.d_model), jnp.float32)
         x_BxTxD = embed(tokens_BxT)
         if cfg.scale_embeddings:
             x_BxTxD = x_BxTxD * jnp.sqrt(jnp.float32(cfg.d_model))
@@ -242,10 +258,22 @@ class Decoder(nn.Module):
             x_BxTxD, _ = stack(cfg, name="blocks")(x_BxTxD, None, index, rate)
 
         x_BxTxD = layer_norm(cfg, "ln_f")(x_BxTxD).astype(jnp.float32)
-        head = nn.Dense(cfg.vocab_size, dtype=jnp.float32, param_dtype=jnp.float32,
-                        kernel_init=nn.initializers.normal(0.02), name="head")
+        head = nn.Dense(cfg.vocab_size, use_bias=cfg.head_bias, dtype=jnp.float32,
+                        param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
+                        name="head")
         logits_BxTxV = head(x_BxTxD)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+
+def sinusoidal_table(length: int, d_model: int) -> np.ndarray:
+    """The fixed position table of the original's first code: sin on even, cos on odd
+    dimensions, frequency 10000^(-2i/d_model) for dimensions 2i and 2i+1 (float32)."""
+    position_Lx1 = np.arange(length, dtype=np.float64)[:, None]
+    angle = position_Lx1 * np.exp(np.arange(0, d_model, 2) * (-np.log(10000.0) / d_model))
+    table = np.zeros((length, d_model))
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle[:, :d_model // 2])
+    return table.astype(np.float32)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int) -> tuple:

@@ -13,6 +13,7 @@ make_train_step for one run, vmapped over runs by the sweep.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -147,6 +148,8 @@ def train_step_fn(cfg: Config):
                                                   h.get("dropout"))
         tx = make_optimizer(cfg.train, h)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        if cfg.model.position == "sinusoidal":  # a fixed table: weight decay must not move it
+            updates = {**updates, "pos_emb": jnp.zeros_like(updates["pos_emb"])}
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "rng": state["rng"]}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),

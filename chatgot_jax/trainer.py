@@ -29,7 +29,7 @@ from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
 from chatgot_jax import run_dir as run_dir_lib
 from chatgot_jax import train_lib
-from chatgot_jax.errors import Diverged
+from chatgot_jax.errors import Diverged, UserError
 from chatgot_jax.metrics import Logger, MetricsBuffer
 
 
@@ -78,7 +78,12 @@ def prepare_data(cfg: config_lib.Config, data_path, saved_tokenizer=None):
     """-> (cfg with the tokenizer's vocab_size, RunData). A resumed run keeps its tokenizer."""
     text = data_lib.load_corpus(data_path)
     tokenizer = saved_tokenizer or data_lib.CharTokenizer.from_text(text)
-    if saved_tokenizer is not None and (unknown := tokenizer.unknown_chars(text)):
+    unknown = saved_tokenizer.unknown_chars(text) if saved_tokenizer is not None else ""
+    if unknown and not tokenizer.unk:
+        raise UserError(f"the corpus has {len(unknown)} characters outside the run's vocabulary, "
+                        f"which has no unknown id: {', '.join(map(repr, unknown[:20]))}; "
+                        "train on text within it")
+    if unknown:
         tqdm.write(f"warning: {len(unknown)} corpus characters are not in the saved "
                    f"vocabulary and train as the unknown id: {unknown[:20]!r}")
     cfg = dataclasses.replace(

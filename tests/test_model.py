@@ -21,7 +21,9 @@ def closed_form_params(c: ModelConfig) -> int:
     attn = 4 * d * d + 4 * d
     mlp = 2 * d * f + f + d
     memory = (4 * d * d + 4 * d + 2 * d) if c.memory else 0
-    return v * d + c.max_seq_length * d + L * (attn + mlp + 4 * d + memory) + 2 * d + d * v + v
+    head_bias = v if c.head_bias else 0
+    return (v * d + c.max_seq_length * d + L * (attn + mlp + 4 * d + memory) + 2 * d + d * v
+            + head_bias)
 
 
 @pytest.mark.parametrize("shape", [
@@ -29,9 +31,13 @@ def closed_form_params(c: ModelConfig) -> int:
     dict(d_model=256, n_layers=4, n_head=4, d_hid=1024, max_seq_length=256),
     dict(d_model=768, n_layers=12, n_head=12, d_hid=3072, max_seq_length=1024),
 ])
-@pytest.mark.parametrize("memory", [False, True])
-def test_param_count_matches_closed_form(shape, memory):
-    cfg = ModelConfig(**shape, memory=memory)
+@pytest.mark.parametrize("memory, numerics", [
+    (False, {}), (True, {}),
+    (True, dict(memory_length=0, head_bias=False)),  # the original's craft layout
+    (False, dict(position="sinusoidal")),  # its seed layout (the fixed table is a leaf too)
+])
+def test_param_count_matches_closed_form(shape, memory, numerics):
+    cfg = ModelConfig(**shape, memory=memory, **numerics)
     counts = count_params(cfg)
     assert sum(counts.values()) == closed_form_params(cfg)
     assert (counts["memory"] > 0) == memory
