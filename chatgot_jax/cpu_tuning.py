@@ -1,7 +1,8 @@
 """CPU tuning, in one place, applied explicitly by the command-line entry points.
 
-    prepare_process()            first thing in a command's __main__: XLA flags, then
-                                 re-executes the process with a faster allocator
+    prepare_process()            first thing in a command's __main__: XLA flags, the
+                                 compilation cache, then re-executes the process with a
+                                 faster allocator
     sampling_compiler_options()  jax.jit compiler options for the sampling programs
 
 What each setting buys, with the measurements, is in docs/performance.md.
@@ -30,11 +31,15 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def prepare_process() -> None:
-    """XLA flags for the CPU backend, then a faster allocator (may re-execute the process).
+    """XLA flags for the CPU backend, the persistent compilation cache
+    (compile_cache.py), then a faster allocator (may re-execute the process).
 
     Call before JAX starts a backend; a user's own XLA_FLAGS choice is kept.
     """
+    from chatgot_jax.compile_cache import use_compile_cache  # noqa: PLC0415
+
     set_xla_flags()
+    use_compile_cache()
     use_fast_allocator()
 
 

@@ -54,3 +54,32 @@ def test_importing_the_package_leaves_the_environment_alone():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_compile_cache_directory_and_switch():
+    from chatgot_jax.compile_cache import cache_dir, use_compile_cache
+
+    assert cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/chatgot-jax/jax"
+    assert cache_dir({"CHATGOT_JAX_COMPILE_CACHE": "/y"}) == "/y"
+    assert cache_dir({"CHATGOT_JAX_COMPILE_CACHE": "off"}) is None
+    env = {"CHATGOT_JAX_COMPILE_CACHE": "off"}
+    use_compile_cache(env)
+    assert "JAX_COMPILATION_CACHE_DIR" not in env
+    env = {"JAX_COMPILATION_CACHE_DIR": "/mine", "XDG_CACHE_HOME": "/x"}
+    use_compile_cache(env)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == "/mine"  # the user's own setting wins
+
+
+def test_train_py_fills_the_compile_cache(tmp_path):
+    """The entry point itself turns the cache on: a second run finds its programs there."""
+    from conftest import MICRO_OVERRIDES, ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "train.py", "--max-steps", "1", "--batch-size", "8",
+           "--out", str(tmp_path / "run"), *MICRO_OVERRIDES, "train.eval_windows=8",
+           "train.sample_tokens=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entries = list((tmp_path / "cache" / "chatgot-jax" / "jax").iterdir())
+    assert entries, "no compiled program was cached"
