@@ -20,7 +20,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # Each list of allowed names, defined here once.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")  # model.py maps them
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("einsum", "dot_product")
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "cudnn")
 MEMORY_LENGTHS = (0, 1)
 POSITIONS = ("learned", "sinusoidal")
 
@@ -52,10 +52,14 @@ class ModelConfig:
     position: str = "learned"  # one of POSITIONS
     remat: str = "none"  # one of REMAT_POLICIES
     compute_dtype: str = "float32"  # one of COMPUTE_DTYPES (params stay float32)
-    # einsum: explicit causal softmax with dropout on the attention weights.
-    # dot_product: jax.nn.dot_product_attention with XLA's implementation and
-    # no attention-weight dropout (the other dropouts stay).
-    attention: str = "einsum"
+    # auto: cudnn on a CUDA GPU when the compute dtype is bfloat16 and the head dim
+    #   allows it (model.attention_impl), else einsum.
+    # einsum: explicit causal softmax with dropout on the attention weights (CPU,
+    #   exact parity; the KV-cache decoding path whatever the choice).
+    # dot_product: jax.nn.dot_product_attention with XLA's implementation.
+    # cudnn: cuDNN's fused flash attention (CUDA GPUs only).
+    # dot_product and cudnn have NO attention-weight dropout (the other dropouts stay).
+    attention: str = "auto"
     layer_norm_eps: float = 1e-5  # PyTorch's default
     gelu_approximate: bool = False  # PyTorch's nn.GELU() is the exact erf form
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model)

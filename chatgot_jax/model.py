@@ -16,6 +16,7 @@ The blocks are pre-LN like PyTorch's nn.TransformerDecoderLayer(norm_first=True)
 and are stacked with nn.scan (params carry a leading L axis) inside nn.remat.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from chatgot_jax.config import ModelConfig
+from chatgot_jax.errors import UserError
 from chatgot_jax.prng import random_bits
 
 # Tags for remat="names": these outputs are saved, everything else recomputed.
@@ -75,6 +77,28 @@ def layer_norm(cfg: ModelConfig, name: str):
                         param_dtype=jnp.float32, force_float32_reductions=True, name=name)
 
 
+def attention_impl(cfg: ModelConfig, cached: bool, backend: str | None = None) -> str:
+    """The implementation one attention call uses: einsum, dot_product or cudnn.
+
+    auto picks cuDNN's flash attention on a CUDA GPU for bfloat16 (or float16)
+    compute with a head dim it supports (a multiple of 8, at most 128), einsum
+    otherwise; KV-cache decoding (a query offset, not a plain causal mask) always
+    uses einsum or dot_product.
+    """
+    impl = cfg.attention
+    backend = backend or jax.default_backend()
+    if impl == "auto":
+        fits = (backend == "gpu" and cfg.compute_dtype in ("bfloat16", "float16")
+                and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
+        impl = "cudnn" if fits else "einsum"
+    if impl == "cudnn" and backend != "gpu":
+        raise UserError(f"model.attention=cudnn needs a CUDA GPU (the backend is {backend}): "
+                        "use model.attention=auto")
+    if impl == "cudnn" and cached:
+        return "dot_product" if cfg.attention == "cudnn" else "einsum"
+    return impl
+
+
 def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_TxS, drop_rng, cached=False, rate=None):
     """Softmax attention in float32 -> (B, T, H, K); dropout at `rate` on the weights
     when drop_rng is given.
@@ -83,7 +107,11 @@ def attend(cfg: ModelConfig, q_BxTxHxK, k, v, mask_TxS, drop_rng, cached=False, 
     cache's layout, in which decoding one token reads contiguous rows.
     """
     B, T, H, K = q_BxTxHxK.shape
-    if cfg.attention == "dot_product":
+    impl = attention_impl(cfg, cached)
+    if impl == "cudnn":  # causal self-attention of a whole window, T == S
+        return jax.nn.dot_product_attention(q_BxTxHxK, k, v, is_causal=True,
+                                            implementation="cudnn")
+    if impl == "dot_product":
         if cached:
             k, v = (c.reshape(B, H, -1, K).transpose(0, 2, 1, 3) for c in (k, v))
         return jax.nn.dot_product_attention(q_BxTxHxK, k, v, mask=mask_TxS[None, None])
@@ -185,7 +213,9 @@ class MemoryAttention(nn.Module):
         else:
             k, v = jnp.split(kv, 2, axis=2)
             drop_rng = None if rate is None else self.make_rng("dropout")
-            ctx = attend(cfg, q, k, v, jnp.ones((T, S), bool), drop_rng, rate=rate)
+            # Not a causal window: never the fused path (one key: probabilities 1).
+            ctx = attend(dataclasses.replace(cfg, attention="einsum"), q, k, v,
+                         jnp.ones((T, S), bool), drop_rng, rate=rate)
         return dense(D, cfg, "out")(ctx.reshape(B, T, D))
 
 

@@ -34,10 +34,13 @@ from chatgot_jax.data import CharTokenizer
 from chatgot_jax.errors import InvalidArgument, UserError
 
 # Fields that steer only bookkeeping, or that change the numbers no more than the order
-# of float reductions does (remat recomputes; the mesh splits the same sums): a run
-# resumes with other values of these. Every other field changes the training.
+# of float reductions does (remat recomputes; the mesh splits the same sums; the
+# attention implementation computes the same softmax, though on a GPU cudnn has no
+# attention-weight dropout): a run resumes with other values of these. Every other
+# field changes the training.
 BOOKKEEPING = {"train.max_steps", "train.eval_every", "train.eval_windows", "train.sample_tokens",
-               "train.save_every", "train.keep", "train.log_every", "model.remat", "mesh.data",
+               "train.save_every", "train.keep", "train.log_every", "model.remat",
+               "model.attention", "mesh.data",
                "mesh.fsdp"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 

@@ -145,3 +145,9 @@ def test_sample_bad_checkpoint(tmp_path, run_dir, capsys):
 def test_sample_best_without_validation_loss(run_dir, capsys):
     line = run_cli(sample.main, ["--checkpoint", str(run_dir), "--prompt", "A", "--best"], capsys)
     assert line.startswith("error: --best needs a checkpoint with a validation loss")
+
+
+def test_cudnn_attention_without_a_gpu(tmp_path, capsys, corpus):
+    line = run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "out"), *MICRO,
+                                "model.attention=cudnn"], capsys)
+    assert "model.attention=cudnn needs a CUDA GPU" in line

@@ -244,3 +244,27 @@ def test_gelu_and_embedding_scale_flags(params):
                                                {"scale_embeddings": True})]
     assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[0], outs[2])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-2)  # tanh GELU is close to erf
+
+
+def test_attention_choice_by_backend_dtype_and_shape():
+    """auto: cuDNN flash attention only on a GPU, in bfloat16, with a head dim it takes."""
+    from chatgot_jax.errors import UserError
+    from chatgot_jax.model import attention_impl
+
+    bf16 = ModelConfig(**MICRO, compute_dtype="bfloat16")  # head dim 8
+    assert attention_impl(bf16, cached=False, backend="cpu") == "einsum"
+    assert attention_impl(bf16, cached=False, backend="gpu") == "cudnn"
+    assert attention_impl(bf16, cached=True, backend="gpu") == "einsum"  # KV-cache decoding
+    fp32 = dataclasses.replace(bf16, compute_dtype="float32")
+    assert attention_impl(fp32, cached=False, backend="gpu") == "einsum"
+    odd = dataclasses.replace(bf16, d_model=36)  # head dim 9
+    assert attention_impl(odd, cached=False, backend="gpu") == "einsum"
+    wide = dataclasses.replace(bf16, d_model=1024, n_head=4)  # head dim 256
+    assert attention_impl(wide, cached=False, backend="gpu") == "einsum"
+    explicit = dataclasses.replace(bf16, attention="cudnn")
+    assert attention_impl(explicit, cached=True, backend="gpu") == "dot_product"
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        attention_impl(explicit, cached=False, backend="cpu")
+    for impl in ("einsum", "dot_product"):
+        chosen = dataclasses.replace(bf16, attention=impl)
+        assert attention_impl(chosen, cached=False, backend="gpu") == impl
