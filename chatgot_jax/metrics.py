@@ -38,7 +38,12 @@ class Logger:
         self._previous_hook = threading.excepthook
         threading.excepthook = self._thread_failed
         if enabled:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415 (import cost)
+            try:
+                from tensorboardX import SummaryWriter  # noqa: PLC0415 (import cost)
+            except ImportError:  # e.g. a GPU image without it: metrics.jsonl still has it all
+                tqdm.write("note: tensorboardX is not installed: no TensorBoard events "
+                           "(metrics.jsonl has every figure)")
+                return
             self.tb = SummaryWriter(str(run_dir), purge_step=start_step or None, flush_secs=10)
             if hparams:
                 self.hparams(hparams)
@@ -72,12 +77,14 @@ class Logger:
         except OSError as e:
             raise RunError(f"cannot write {self.path}: {e.strerror}; the last checkpoint "
                            f"is intact") from None
+        if self.tb is None:
+            return
         for name, tag in self.TAGS.items():
             if name in record and math.isfinite(record[name]):
                 self.tb.add_scalar(tag, record[name], record["step"])
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled:
+        if self.tb is not None:
             self.tb.add_text(tag, text, step)
 
     def print(self, text: str) -> None:

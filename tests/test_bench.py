@@ -147,6 +147,8 @@ def test_bench_train_prints_every_column(capsys):
         assert result[key] > 0 if key != "mfu" else result[key] >= 0
     assert "- |" not in row and "MFU against" in out
     assert result["batch"] == 4 and result["seq_len"] == 16 and result["timed_steps"] == 2
+    # tokens/s and MFU come from the pipelined run (one wait), not from the per-step latency
+    assert result["tokens_per_s"] == pytest.approx(4 * 16 / (result["pipelined_step_ms"] / 1e3))
 
 
 def test_bench_sample_reports_decode_speed(capsys):

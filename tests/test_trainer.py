@@ -109,3 +109,30 @@ def test_logger_reports_a_dead_writer_thread_in_one_line(tmp_path):
     finally:
         log.close()
     assert threading.excepthook is not log._thread_failed
+
+
+def test_logger_without_tensorboardx_still_writes_metrics(tmp_path, monkeypatch, capsys):
+    """A machine without tensorboardX (the GPU image this project is measured on) trains
+    on: metrics.jsonl is written, TensorBoard events are not."""
+    import builtins
+    import json
+
+    from chatgot_jax.metrics import Logger
+
+    real_import = builtins.__import__
+
+    def no_tensorboardx(name, *args, **kwargs):
+        if name.startswith("tensorboardX"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboardx)
+    log = Logger(tmp_path, enabled=True, hparams={"model.d_model": 32})
+    try:
+        log.write({"step": 1, "loss": 2.0})
+        log.text("sample", "text", 1)
+    finally:
+        log.close()
+    assert [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")] == [2.0]
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+    assert "tensorboardX is not installed" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 # Benchmark result columns: (result key, title, format); *_bytes values show in GiB.
 COLUMNS = [("compile_s", "compile s", "{:.1f}"), ("step_ms", "step ms", "{:.1f}"),
            ("step_ms_p10", "p10", "{:.1f}"), ("step_ms_p90", "p90", "{:.1f}"),
+           ("pipelined_step_ms", "pipelined ms", "{:.1f}"),
            ("tokens_per_s", "tokens/s", "{:,.0f}"), ("flops_per_token", "FLOPs/token", "{:.3g}"),
            ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU", "{:.1%}"),
            ("temp_bytes", "temp GiB", "{:.3f}"), ("argument_bytes", "args GiB", "{:.3f}")]
