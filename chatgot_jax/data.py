@@ -244,17 +244,25 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
     return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
 
 
+def batch_starts(n_tokens: int, *, seed: int, step: int, batch_size: int,
+                 seq_len: int) -> np.ndarray:
+    """The window starts (int64, batch_size) of micro-step `step`'s batch: a pure
+    function of (seed, step), a separate Philox stream per step."""
+    if batch_size < 1 or step < 0:
+        raise UserError(f"need batch_size >= 1 and step >= 0 (got {batch_size}, {step})")
+    key = ((int(seed) % 2**64) << 64) | int(step)
+    rng = np.random.Generator(np.random.Philox(key=key))
+    return rng.integers(0, n_tokens - seq_len, size=batch_size, dtype=np.int64)
+
+
 def get_batch(tokens, *, seed: int, step: int, batch_size: int, seq_len: int,
               rows: slice | range | None = None):
     """Batch (x, y), int32 (rows, seq_len), y = x shifted by one; a pure function of
     (seed, step). `rows` picks a slice of the global batch (one process's share)."""
     tokens = np.asarray(tokens)
     _check_windows(len(tokens), seq_len, "the token stream")
-    if batch_size < 1 or step < 0:
-        raise UserError(f"need batch_size >= 1 and step >= 0 (got {batch_size}, {step})")
-    key = ((int(seed) % 2**64) << 64) | int(step)  # a separate Philox stream per step
-    rng = np.random.Generator(np.random.Philox(key=key))
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size, dtype=np.int64)
+    starts = batch_starts(len(tokens), seed=seed, step=step, batch_size=batch_size,
+                          seq_len=seq_len)
     if rows is not None:
         starts = starts[slice(rows.start, rows.stop, rows.step)]
         if not len(starts):

@@ -168,6 +168,65 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings):
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 
+# Micro-steps whose batch starts are uploaded together (device-resident batches).
+STARTS_CHUNK = 1024
+
+
+class ResidentBatches:
+    """The training tokens on the device(s) once, and the window starts of STARTS_CHUNK
+    micro-steps at a time: the train step cuts its batch there, so no batch is copied
+    from the host per step. The starts are data.batch_starts(seed, micro-step), the
+    same batches as data.get_batch gives; each process materialises only the rows
+    its devices hold.
+    """
+
+    def __init__(self, cfg: Config, mesh: Mesh, tokens: np.ndarray, seed: int):
+        self.cfg, self.mesh, self.seed, self.n = cfg, mesh, seed, len(tokens)
+        replicated = NamedSharding(mesh, P())
+        self.tokens = jax.make_array_from_callback(tokens.shape, replicated,
+                                                   lambda index: tokens[index])
+        self.first = None  # first micro-step of the uploaded chunk
+        self.starts = self.first_dev = None
+
+    def for_micro_step(self, micro: int):
+        """(tokens, starts_KxB, first) for the train step at micro-step `micro`."""
+        if self.first is None or not self.first <= micro < self.first + STARTS_CHUNK:
+            t = self.cfg.train
+            from chatgot_jax.data import batch_starts  # noqa: PLC0415
+
+            starts = np.stack([batch_starts(self.n, seed=self.seed, step=m,
+                                            batch_size=t.batch_size,
+                                            seq_len=self.cfg.model.max_seq_length)
+                               for m in range(micro, micro + STARTS_CHUNK)]).astype(np.int32)
+            sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
+            self.starts = jax.make_array_from_callback(starts.shape, sharding,
+                                                       lambda index: starts[index])
+            self.first = micro
+            self.first_dev = jax.device_put(np.int32(micro), NamedSharding(self.mesh, P()))
+        return self.tokens, self.starts, self.first_dev
+
+
+def make_resident_train_step(cfg: Config, mesh: Mesh, shardings):
+    """jit(state, h, tokens, starts_KxB, first) -> (state, metrics): the train step on the
+    batch it cuts from the device-resident tokens at the starts of its micro-step
+    (row micro - first of the chunk); the state is donated."""
+    step_fn, T = train_step_fn(cfg), cfg.model.max_seq_length
+    data = batch_sharding(mesh)
+
+    def resident_step(state, h, tokens, starts_KxB, first):
+        micro = micro_step(state["opt_state"], cfg.train.grad_accum)
+        starts_B = jax.lax.dynamic_index_in_dim(starts_KxB, micro - first, keepdims=False)
+        windows = tokens[starts_B[:, None] + jnp.arange(T + 1)].astype(jnp.int32)
+        windows = jax.lax.with_sharding_constraint(windows, data)
+        return step_fn(state, h, windows[:, :-1], windows[:, 1:])
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(resident_step,
+                   in_shardings=(shardings, replicated, replicated,
+                                 NamedSharding(mesh, P(None, BATCH_AXES)), replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+
 def train_hyperparams(cfg: Config, mesh: Mesh) -> dict:
     """hyperparams(cfg.train) on the mesh (replicated): the train step's h."""
     return jax.device_put(hyperparams(cfg.train), NamedSharding(mesh, P()))
