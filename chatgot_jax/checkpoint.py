@@ -38,8 +38,13 @@ def make_manager(run_dir, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
         policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
+    # The preservation policy decides what is kept. best_fn is there because Orbax writes
+    # a checkpoint's metrics to disk only when it is set: without them, a manager made
+    # later (a resumed run) sees no val_loss on the earlier checkpoints, and BestN lets
+    # the best of them be deleted at the next save.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preservation, create=not read_only, read_only=read_only,
+        preservation_policy=preservation, best_fn=lambda m: m["val_loss"], best_mode="min",
+        create=not read_only, read_only=read_only,
         enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     directory = pathlib.Path(run_dir).resolve() / CKPT_SUBDIR
     return ocp.CheckpointManager(directory, options=options)
@@ -59,18 +64,20 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
         train=ocp.args.StandardSave(train),
         meta=ocp.args.JsonSave(meta))
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-    try:
-        with _held_stderr() as held:
+    reason = None
+    with _held_stderr() as held:
+        try:
             manager.save(opt_step, args=args, metrics=metrics, force=True)
             manager.wait_until_finished()
-    except (OSError, ValueError) as e:  # disk full, I/O error: the step stays a tmp dir
-        reason = io_failure(e)
-        if reason is None:
-            sys.stderr.write(held.getvalue())
-            raise
-        _silence_failed_writes()
+        except (OSError, ValueError) as e:  # disk full, I/O error: the step stays a tmp dir
+            reason = io_failure(e)
+            if reason is None:
+                raise
+            # Before stderr is released: the writer threads go on failing after this.
+            _silence_failed_writes()
+    if reason is not None:
         raise RunError(f"could not write checkpoint step {opt_step} in {manager.directory}: "
-                       f"{reason}; earlier checkpoints are intact") from None
+                       f"{reason}; earlier checkpoints are intact")
     sys.stderr.write(held.getvalue())
 
 
@@ -92,7 +99,8 @@ def io_failure(error: Exception) -> str | None:
 def _held_stderr():
     """Holds back what Orbax's and TensorStore's threads print during a save: after a
     failed write each of them prints its own traceback, and the caller reports the
-    failure in one line instead. The logs of the absl logger are held too."""
+    failure in one line instead. The logs of the absl logger are held too (and stay
+    off after a failed write: see _silence_failed_writes)."""
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.CRITICAL)
@@ -101,14 +109,32 @@ def _held_stderr():
         with contextlib.redirect_stderr(held):
             yield held
     finally:
-        absl_logger.setLevel(level)
+        if not _writes_failed:
+            absl_logger.setLevel(level)
+
+
+_writes_failed = False  # set for the rest of the process by _silence_failed_writes
 
 
 def _silence_failed_writes() -> None:
-    """The failed writes' leftovers report themselves when collected, often at exit
-    (asyncio's "exception was never retrieved", "coroutine was never awaited")."""
+    """After a failed write, the process is about to end with one line: the writers'
+    leftovers must not print after it. Orbax's threads log their failure late through
+    absl (kept off); TensorStore's callbacks raise "Event loop is closed" as unraisable
+    exceptions; asyncio reports "exception was never retrieved" and "coroutine was never
+    awaited" when the leftovers are collected, often at exit."""
+    global _writes_failed
+    _writes_failed = True
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+    previous = sys.unraisablehook
+
+    def drop_closed_loop(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = drop_closed_loop
 
 
 def existing_steps(run_dir) -> list[int]:

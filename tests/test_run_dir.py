@@ -176,7 +176,7 @@ def read_only_mount(tmp_path):
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(path)],
                           capture_output=True, text=True)
     if proc.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.strip()}")
+        pytest.skip(f"{ENVIRONMENT}cannot mount a read-only tmpfs here: {proc.stderr.strip()}")
     yield path
     subprocess.run(["umount", str(path)], check=True)
 
@@ -192,7 +192,7 @@ def test_an_existing_run_on_a_read_only_mount(finished, corpus, tmp_path, capsys
     path = tmp_path / "mnt"
     path.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+        pytest.skip(f"{ENVIRONMENT}cannot mount a tmpfs here")
     try:
         shutil.copytree(finished, path / "run")
         subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
