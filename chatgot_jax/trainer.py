@@ -6,6 +6,8 @@
 max_steps); one step is grad_accum micro-batches. Micro-batch m is
 get_batch(train, seed, m) and its dropout key fold_in(rng, m), so resuming from
 a checkpoint replays the same steps as an uninterrupted run, bit for bit on CPU.
+The batches are cut on the device (train_lib.ResidentBatches): the training
+tokens and the validation windows are uploaded once, not per step.
 
 The loop's named pieces (each tested on its own): run_dir.inspect (what the run
 directory holds), metrics.MetricsBuffer (device metrics -> one host sync per
@@ -119,15 +121,20 @@ def initial_state(cfg, mesh, manager, resuming: bool):
     return ckpt.restore_newest(manager, abstract), shardings
 
 
-def evaluate(eval_step, params, data: RunData, batch_size: int, mesh) -> float:
-    """Mean loss over the fixed validation windows, in nats per character."""
+def validation_batches(data: RunData, batch_size: int, mesh) -> list:
+    """The fixed validation windows as device batches, uploaded once per run."""
     rows = train_lib.process_rows(batch_size)
-    losses = []
+    batches = []
     for i in range(0, len(data.val_x), batch_size):
         bx, by = data.val_x[i:i + batch_size], data.val_y[i:i + batch_size]
-        x, y = train_lib.put_batch(mesh, bx[rows.start:rows.stop], by[rows.start:rows.stop])
-        losses.append(eval_step(params, x, y))
-    return float(np.mean(jax.device_get(losses)))
+        batches.append(train_lib.put_batch(mesh, bx[rows.start:rows.stop],
+                                           by[rows.start:rows.stop]))
+    return batches
+
+
+def evaluate(eval_step, params, batches: list) -> float:
+    """Mean loss over the validation batches, in nats per character."""
+    return float(np.mean(jax.device_get([eval_step(params, x, y) for x, y in batches])))
 
 
 def sample_text(params, cfg, data: RunData, n_tokens: int | None = None) -> str:
@@ -159,8 +166,10 @@ class Run:
     manager: object  # the checkpoint manager
     state: dict
     hyper: dict  # the train step's hyper-parameters (optim.hyperparams)
-    train_step: object
+    train_step: object  # train_lib.make_resident_train_step: it cuts its own batch
+    batches: train_lib.ResidentBatches
     eval_step: object
+    val_batches: list  # validation_batches, on the device
     log: Logger
     step: int  # optimizer steps done
     t_start: float
@@ -233,9 +242,12 @@ def setup(cfg, existing: run_dir_lib.Existing, data: RunData, run_dir: pathlib.P
     manager = ckpt.make_manager(run_dir, keep=cfg.train.keep)
     state, shardings = initial_state(cfg, mesh, manager, resuming=bool(existing.steps))
     step = train_lib.optimizer_step(state)
+    batches = train_lib.ResidentBatches(cfg, mesh, data.train_tokens,
+                                        config_lib.seed_of(cfg.train, "data"))
     run = Run(cfg, run_dir, data, mesh, manager, state, train_lib.train_hyperparams(cfg, mesh),
-              train_lib.make_train_step(cfg, mesh, shardings),
+              train_lib.make_resident_train_step(cfg, mesh, shardings), batches,
               train_lib.make_eval_step(cfg, mesh, shardings),
+              validation_batches(data, cfg.train.batch_size, mesh),
               Logger(run_dir, is_main, start_step=step, hparams=run_dir_lib.flat(cfg)),
               step, t_start)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -256,8 +268,6 @@ def setup(cfg, existing: run_dir_lib.Existing, data: RunData, run_dir: pathlib.P
 def train(run: Run) -> None:
     """The loop: batches -> train step -> log -> maybe evaluate and sample -> maybe save."""
     tcfg = run.cfg.train
-    rows = train_lib.process_rows(tcfg.batch_size)
-    data_seed = config_lib.seed_of(tcfg, "data")
     metrics = MetricsBuffer(tcfg.batch_size * run.cfg.model.max_seq_length)
     bar = tqdm(total=tcfg.max_steps, initial=run.step, unit="step", dynamic_ncols=True,
                disable=not run.log.enabled)
@@ -265,11 +275,8 @@ def train(run: Run) -> None:
         with StopOnSigint() as stop:
             while run.step < tcfg.max_steps and not stop.requested:
                 for micro in range(run.step * tcfg.grad_accum, (run.step + 1) * tcfg.grad_accum):
-                    x, y = data_lib.get_batch(run.data.train_tokens, seed=data_seed, step=micro,
-                                              batch_size=tcfg.batch_size,
-                                              seq_len=run.cfg.model.max_seq_length, rows=rows)
                     run.state, m = run.train_step(run.state, run.hyper,
-                                                  *train_lib.put_batch(run.mesh, x, y))
+                                                  *run.batches.for_micro_step(micro))
                     if (first_s := metrics.add(m)) is not None:
                         run.log.write({"step": run.step, "first_step_s": first_s})
                 run.step, run.last_val = run.step + 1, None
@@ -310,8 +317,7 @@ def log_metrics(run: Run, record: dict | None, bar) -> None:
 
 
 def evaluate_and_sample(run: Run) -> None:
-    run.last_val = evaluate(run.eval_step, run.state["params"], run.data,
-                            run.cfg.train.batch_size, run.mesh)
+    run.last_val = evaluate(run.eval_step, run.state["params"], run.val_batches)
     run.best_val = min(run.best_val, run.last_val)
     bpc = run.last_val / math.log(2)
     run.log.write({"step": run.step, "val_loss": run.last_val, "val_bpc": bpc,

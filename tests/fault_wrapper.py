@@ -4,7 +4,7 @@
 
 FAULT_MODE=die-in-save FAULT_ARG=N: SIGKILL in the middle of writing checkpoint N
   (when Orbax starts writing the "meta" item into N.orbax-checkpoint-tmp);
-FAULT_MODE=park FAULT_ARG=N: before micro-batch N is drawn, touch FAULT_MARKER and
+FAULT_MODE=park FAULT_ARG=N: before micro-batch N is handed to the step, touch FAULT_MARKER and
   wait until FAULT_RELEASE exists (a safe point for a Ctrl-C to land);
 FAULT_MODE=fsize FAULT_ARG=N: writing a file past N bytes fails with EFBIG (as
   writing to a full disk fails with ENOSPC), through the real write path.
@@ -22,7 +22,7 @@ sys.path.insert(0, os.getcwd())
 import orbax.checkpoint as ocp  # noqa: E402
 
 import train  # noqa: E402
-from chatgot_jax import data  # noqa: E402
+from chatgot_jax import train_lib  # noqa: E402
 
 
 def die_while_saving(step: int) -> None:
@@ -37,18 +37,18 @@ def die_while_saving(step: int) -> None:
 
 
 def park_before(micro_step: int) -> None:
-    real_get_batch = data.get_batch
+    real_for_micro_step = train_lib.ResidentBatches.for_micro_step
 
-    def get_batch(tokens, *, step, **kwargs):
-        if step == micro_step:
+    def for_micro_step(self, micro):
+        if micro == micro_step:
             pathlib.Path(os.environ["FAULT_MARKER"]).touch()
             release = pathlib.Path(os.environ["FAULT_RELEASE"])
             deadline = time.monotonic() + 120
             while not release.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
-        return real_get_batch(tokens, step=step, **kwargs)
+        return real_for_micro_step(self, micro)
 
-    data.get_batch = get_batch
+    train_lib.ResidentBatches.for_micro_step = for_micro_step
 
 
 def limit_file_size(n_bytes: int) -> None:

@@ -33,7 +33,6 @@ import train
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import cli
 from chatgot_jax import config as config_lib
-from chatgot_jax import data as data_lib
 from chatgot_jax import train_lib, trainer
 from chatgot_jax.errors import RunError
 from conftest import MICRO_OVERRIDES
@@ -450,6 +449,9 @@ def test_real_write_error_while_saving_arrays(baseline, corpus, tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 1
+    # No traceback from any thread, even one glued onto a progress-bar line (which the
+    # line check below leaves out).
+    assert "Traceback" not in stderr and "Exception in thread" not in stderr, stderr[-3000:]
     # One line and the progress bar: no traceback or log line from any thread, at any time.
     lines = [line for line in re.split(r"[\r\n]", stderr) if line.strip()]
     bar = [line for line in lines if re.search(r"\d+/8 \[", line)]
@@ -465,14 +467,14 @@ def test_real_write_error_while_saving_arrays(baseline, corpus, tmp_path):
 
 def ctrl_c_in_process_at_micro_step(monkeypatch, micro_step):
     """A real SIGINT to this process just before micro-step `micro_step` is computed."""
-    real_get_batch = data_lib.get_batch
+    real_for_micro_step = train_lib.ResidentBatches.for_micro_step
 
-    def get_batch(tokens, *, step, **kwargs):
-        if step == micro_step:
+    def for_micro_step(self, micro):
+        if micro == micro_step:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_get_batch(tokens, step=step, **kwargs)
+        return real_for_micro_step(self, micro)
 
-    monkeypatch.setattr(data_lib, "get_batch", get_batch)
+    monkeypatch.setattr(train_lib.ResidentBatches, "for_micro_step", for_micro_step)
 
 
 def test_ctrl_c_saves_once_and_resumes(corpus, tmp_path, monkeypatch, capsys):
@@ -525,13 +527,13 @@ def test_ctrl_c_saves_once_and_resumes(corpus, tmp_path, monkeypatch, capsys):
 def test_ctrl_c_inside_the_train_step(corpus, tmp_path, monkeypatch, capsys):
     """SIGINT arrives while the train step runs: its input state is already donated."""
     run_dir = tmp_path / "ctrl-c-in-step"
-    real_make = train_lib.make_train_step
+    real_make = train_lib.make_resident_train_step
 
     def make_train_step(cfg, mesh, shardings):
         step_fn, calls = real_make(cfg, mesh, shardings), []
 
-        def step_with_ctrl_c(state, hyper, x, y):
-            result = step_fn(state, hyper, x, y)  # donates `state`
+        def step_with_ctrl_c(state, hyper, *batch):
+            result = step_fn(state, hyper, *batch)  # donates `state`
             calls.append(1)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGINT)  # before the result reaches the loop
@@ -539,7 +541,7 @@ def test_ctrl_c_inside_the_train_step(corpus, tmp_path, monkeypatch, capsys):
 
         return step_with_ctrl_c
 
-    monkeypatch.setattr(train_lib, "make_train_step", make_train_step)
+    monkeypatch.setattr(train_lib, "make_resident_train_step", make_train_step)
     summary = None
     try:
         summary = trainer.train_and_evaluate(
@@ -555,11 +557,45 @@ def test_ctrl_c_inside_the_train_step(corpus, tmp_path, monkeypatch, capsys):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_ctrl_c_during_gradient_accumulation(corpus, tmp_path, monkeypatch, capsys):
+ACCUM_FLAGS = ("--grad-accum", "2", "--save-every", "500")  # saves at the end (and on Ctrl-C)
+
+
+@pytest.fixture(scope="module")
+def accum_baseline(corpus, tmp_path_factory):
+    """The uninterrupted run with grad_accum 2: (run dir, {step: loss}, final params)."""
+    run_dir = tmp_path_factory.mktemp("faults") / "accum-baseline"
+    summary = trainer.train_and_evaluate(config_for(argv(run_dir, corpus, *ACCUM_FLAGS)),
+                                         str(corpus), str(run_dir))
+    assert summary["steps"] == 8 and not summary["interrupted"]
+    [(start, losses)] = runs_in_metrics(run_dir)
+    assert start == 0 and sorted(losses) == STEPS
+    step, params = params_at(run_dir)
+    assert step == 8
+    return run_dir, losses, params
+
+
+def test_ctrl_c_during_gradient_accumulation(accum_baseline, corpus, tmp_path, monkeypatch,
+                                             capsys):
+    """Ctrl-C between the two micro-batches of step 3: the step is finished and saved, and
+    the same command resumes exactly (later losses and final params bit-equal)."""
     run_dir = tmp_path / "ctrl-c-accum"
-    ctrl_c_in_process_at_micro_step(monkeypatch, 5)  # inside optimizer step 3 (micro 4, 5)
-    main_in_process(argv(run_dir, corpus, "--grad-accum", "2", "--save-every", "500"))
+    args = argv(run_dir, corpus, *ACCUM_FLAGS)
+    with monkeypatch.context() as patch:
+        ctrl_c_in_process_at_micro_step(patch, 5)  # inside optimizer step 3 (micro 4, 5)
+        main_in_process(args)
     out = capsys.readouterr().out
     match = re.search(r"interrupted at step (\d+): checkpoint saved in", out)
     assert match, out[-2000:]
-    assert ckpt.existing_steps(run_dir) == [int(match[1])]  # the message tells the truth
+    assert match[1] == "3"  # Ctrl-C stops between optimizer steps, so step 3 is finished
+    assert ckpt.existing_steps(run_dir) == [3]  # the message tells the truth
+
+    main_in_process(args)  # the same command again, without Ctrl-C
+    assert "resuming at step 3" in capsys.readouterr().out
+    (start0, before), (start1, after) = runs_in_metrics(run_dir)
+    assert (start0, start1) == (0, 3)
+    assert before == expected_losses(accum_baseline, [1, 2, 3])
+    assert after == expected_losses(accum_baseline, range(4, 9))  # bit for bit
+    assert ckpt.existing_steps(run_dir) == [3, 8]
+    step, params = params_at(run_dir)
+    assert step == 8
+    assert_same_params(params, accum_baseline[2])
