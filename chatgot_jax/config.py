@@ -73,12 +73,12 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, data and bookkeeping; the defaults are the tiny variant."""
 
-    batch_size: int = 8  # global micro-batch, split over all devices
+    batch_size: int = 16  # global micro-batch, split over all devices
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # optimizer steps of linear warmup
-    max_steps: int = 2500  # optimizer steps
+    max_steps: int = 1800  # optimizer steps
     weight_decay: float = 0.01  # on matrices only (see optim.py)
     beta1: float = 0.9
     beta2: float = 0.99

@@ -15,8 +15,8 @@ from chatgot_jax import sweep
 from conftest import MICRO_OVERRIDES, ROOT
 
 ARGS = MICRO_OVERRIDES + ["--max-steps", "6", "--eval-every", "3", "--save-every", "3",
-                          "train.log_every=1", "mesh.data=1", "train.eval_windows=8",
-                          "train.warmup_steps=2"]
+                          "--batch-size", "8", "train.log_every=1", "mesh.data=1",
+                          "train.eval_windows=8", "train.warmup_steps=2"]
 GRID = "train.lr=1e-3,1e-2 model.dropout=0,0.1"
 NAMES = ["lr=1e-3,dropout=0,seed=0", "lr=1e-3,dropout=0.1,seed=0",
          "lr=1e-2,dropout=0,seed=0", "lr=1e-2,dropout=0.1,seed=0"]
