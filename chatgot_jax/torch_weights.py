@@ -204,10 +204,10 @@ def check_state_dict(state_dict, cfg, layout: str) -> None:
     expected = torch_shapes(cfg, layout, pe_length)
     for name, value in state_dict.items():
         if name not in expected:
-            other = _layout_by_prefix(name)
-            hint = (f": it is a state dict of the {other} layout" if other not in
-                    (None, layout) and not (layout, other) in (("craft", "early"),
-                                                               ("early", "craft"))
+            other = _layout_by_prefix(name)  # craft stands for early too: the same names
+            same_names = {layout, other} <= {"craft", "early"}
+            hint = (f": it is a state dict of the {other} layout"
+                    if other not in (None, layout) and not same_names
                     else f" for a {layout}-layout ChatGoT")
             raise UserError(f"unexpected tensor {name} in the state dict{hint}")
         shape = tuple(getattr(value, "shape", ()))

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from chatgot_jax.config import Config, MeshConfig, seed_of
+from chatgot_jax.data import batch_starts
 from chatgot_jax.errors import UserError
 from chatgot_jax.model import Decoder, cross_entropy, init_params
 from chatgot_jax.optim import hyperparams, lr_at, make_optimizer
@@ -192,8 +193,6 @@ class ResidentBatches:
         """(tokens, starts_KxB, first) for the train step at micro-step `micro`."""
         if self.first is None or not self.first <= micro < self.first + STARTS_CHUNK:
             t = self.cfg.train
-            from chatgot_jax.data import batch_starts  # noqa: PLC0415
-
             starts = np.stack([batch_starts(self.n, seed=self.seed, step=m,
                                             batch_size=t.batch_size,
                                             seq_len=self.cfg.model.max_seq_length)
