@@ -31,7 +31,10 @@ from chatgot_jax.model import param_shapes
 CKPT_SUBDIR = "checkpoints"
 
 
-def make_manager(run_dir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(run_dir, keep: int = 3, read_only: bool = False,
+                 async_saves: bool = False) -> ocp.CheckpointManager:
+    """The run's checkpoint manager. With async_saves, save(..., wait=False) returns once
+    the arrays are off the device and Orbax writes them in a background thread."""
     policies = ocp.checkpoint_managers
     preservation = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
@@ -45,16 +48,21 @@ def make_manager(run_dir, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, best_fn=lambda m: m["val_loss"], best_mode="min",
         create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+        enable_async_checkpointing=async_saves, cleanup_tmp_directories=not read_only)
     directory = pathlib.Path(run_dir).resolve() / CKPT_SUBDIR
     return ocp.CheckpointManager(directory, options=options)
 
 
 def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
          tokenizer: CharTokenizer, opt_step: int, val_loss: float | None = None,
-         data: dict | None = None) -> None:
+         data: dict | None = None, wait: bool = True) -> None:
     """Saves the full train state under the optimizer step number; `data` identifies
-    the corpus it was trained on (data.corpus_identity)."""
+    the corpus it was trained on (data.corpus_identity).
+
+    wait=False (a manager made with async_saves) returns while the files are
+    written: finish_save(manager, opt_step) waits for them and reports a failed
+    write. Either way the step appears only when complete (Orbax renames it).
+    """
     meta = {"config": config_lib.to_dict(cfg), "tokenizer": json.loads(tokenizer.to_json()),
             "opt_step": opt_step, "val_loss": val_loss, "data": data}
     train = {"rng": state["rng"]}
@@ -64,11 +72,47 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
         train=ocp.args.StandardSave(train),
         meta=ocp.args.JsonSave(meta))
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+
+    def write():
+        if not wait:
+            _BACKGROUND.start()  # before the writer thread can fail
+        manager.save(opt_step, args=args, metrics=metrics, force=True)
+        if wait:
+            manager.wait_until_finished()
+
+    _reporting_write_errors(manager, opt_step, write)
+
+
+def finish_save(manager: ocp.CheckpointManager, opt_step: int) -> None:
+    """Waits for the background write of checkpoint opt_step (save(..., wait=False));
+    a failed write is reported as for a synchronous save."""
+    try:
+        _reporting_write_errors(manager, opt_step, manager.wait_until_finished)
+    finally:
+        _BACKGROUND.stop()
+
+
+def close(manager: ocp.CheckpointManager, quiet: bool = False) -> None:
+    """Closes the manager (waiting for a write in flight). quiet=True, for a run that is
+    already ending with an error: a failed background write is not reported over it."""
+    try:
+        with _held_stderr():
+            manager.close()
+    except Exception:  # noqa: BLE001
+        if not quiet:
+            raise
+        _silence_failed_writes()
+    finally:
+        _BACKGROUND.stop()
+
+
+def _reporting_write_errors(manager: ocp.CheckpointManager, opt_step: int, write) -> None:
+    """Runs write() with Orbax's and TensorStore's output held back; an I/O failure
+    becomes one RunError, what the writers printed otherwise goes to stderr."""
     reason = None
     with _held_stderr() as held:
         try:
-            manager.save(opt_step, args=args, metrics=metrics, force=True)
-            manager.wait_until_finished()
+            write()
         except (OSError, ValueError) as e:  # disk full, I/O error: the step stays a tmp dir
             reason = io_failure(e)
             if reason is None:
@@ -79,6 +123,42 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
         raise RunError(f"could not write checkpoint step {opt_step} in {manager.directory}: "
                        f"{reason}; earlier checkpoints are intact")
     sys.stderr.write(held.getvalue())
+
+
+class _BackgroundWrites(logging.Filter):
+    """While a checkpoint is written in the background, Orbax's writer thread logs its
+    failure (with a traceback) through absl as it happens, and TensorStore's callbacks
+    raise "Event loop is closed" afterwards: both are dropped, because finish_save
+    reports the failure in one line when the loop next waits for the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = False
+        self.previous_hook = None
+
+    def filter(self, record) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+    def _unraisable(self, unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            self.previous_hook(unraisable)
+
+    def start(self) -> None:
+        if not self.active:
+            logging.getLogger("absl").addFilter(self)
+            self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+            self.active = True
+
+    def stop(self) -> None:
+        if self.active:
+            logging.getLogger("absl").removeFilter(self)
+            if sys.unraisablehook == self._unraisable:
+                sys.unraisablehook = self.previous_hook
+            self.active = False
+
+
+_BACKGROUND = _BackgroundWrites()
 
 
 def io_failure(error: Exception) -> str | None:

@@ -101,22 +101,27 @@ class Logger:
 
 
 class MetricsBuffer:
-    """The train step's device metrics since the last flush, fetched in one host sync.
+    """The train step's device metrics, fetched one log interval at a time.
 
     add() queues a micro-step's metrics without waiting, except for the first of
-    the run, whose wall time (compilation included) it returns. flush() fetches
-    the queue and returns one record: mean loss and gradient norm, the last lr,
-    tokens/s since the last flush or restart_clock() (the first step is not
-    timed). A non-finite loss or gradient norm raises Diverged; with
-    stop_on_divergence=False (a sweep's group, whose metrics carry a run axis)
-    the record's values are per-run arrays and "finite" says which runs stayed
-    finite.
+    the run, whose wall time (compilation included) it returns. flush() closes the
+    current interval and fetches every queued one; flush(lagged=True) fetches all
+    but the interval it just closed, so the host never waits for the device's
+    newest steps (the loop uses it at plain log intervals and a full flush before
+    it evaluates or saves, so no non-finite state is ever evaluated or saved).
+    Either returns one record per fetched interval: mean loss and gradient norm,
+    the last lr, the step of its last update ("step"), and tokens/s over the
+    interval's host time, the run's first step and restart_clock() pauses left out. A non-finite loss or gradient norm raises
+    Diverged; with stop_on_divergence=False (a sweep's group, whose metrics carry
+    a run axis) the record's values are per-run arrays and "finite" says which
+    runs stayed finite.
     """
 
     def __init__(self, tokens_per_micro: int, stop_on_divergence: bool = True):
         self.tokens_per_micro = tokens_per_micro
         self.stop_on_divergence = stop_on_divergence
-        self.pending = []
+        self.pending = []  # the open interval's metrics
+        self.closed = []  # closed intervals, not fetched yet: (metrics, timed, seconds)
         self.t_last = time.time()
         self.untimed = 0
         self.first_step_s = None
@@ -135,12 +140,34 @@ class MetricsBuffer:
         self.t_last = time.time()
 
     def drop(self) -> None:
-        self.pending = []
+        self.pending, self.closed = [], []
 
-    def flush(self) -> dict | None:
-        if not self.pending:
-            return None
-        fetched = jax.device_get(self.pending)
+    def _close(self) -> None:
+        if self.pending:
+            now = time.time()
+            self.closed.append((self.pending, len(self.pending) - self.untimed,
+                                now - self.t_last))
+            self.pending, self.t_last, self.untimed = [], now, 0
+
+    def flush(self, lagged: bool = False) -> list[dict]:
+        """Closes the open interval -> one record per fetched interval, oldest first.
+        Diverged carries the records of the intervals before the bad one (.records)."""
+        self._close()
+        take = self.closed[:-1] if lagged else self.closed
+        self.closed = self.closed[len(take):]
+        if not take:
+            return []
+        fetched = jax.device_get([metrics for metrics, _, _ in take])
+        records = []
+        for metrics, (_, timed, seconds) in zip(fetched, take):
+            try:
+                records.append(self._record(metrics, timed, seconds))
+            except Diverged as e:
+                e.records = records  # the intervals before it, still worth logging
+                raise
+        return records
+
+    def _record(self, fetched: list, timed: int, seconds: float) -> dict:
         loss = np.stack([m["loss"] for m in fetched])  # (steps,) or (steps, runs)
         grad_norm = np.stack([m["grad_norm"] for m in fetched])
         finite = np.isfinite(loss) & np.isfinite(grad_norm)
@@ -151,12 +178,10 @@ class MetricsBuffer:
             what = (f"the loss became {loss[i]}" if not np.isfinite(loss[i])
                     else f"the gradient norm became {grad_norm[i]}")
             raise Diverged(f"{what} at step {int(fetched[i]['opt_step'])}")
-        now = time.time()
-        timed = len(fetched) - self.untimed
-        tok_s = timed * self.tokens_per_micro / (now - self.t_last) if timed else float("nan")
-        self.pending, self.t_last, self.untimed = [], now, 0
+        tok_s = timed * self.tokens_per_micro / seconds if timed else float("nan")
         record = {"loss": loss.mean(0), "lr": np.asarray(fetched[-1]["lr"]),
                   "tokens_per_s": tok_s, "grad_norm": grad_norm.mean(0)}
+        step = int(np.max(fetched[-1]["opt_step"]))
         if loss.ndim == 1:
-            return {k: float(v) for k, v in record.items()}
-        return {**record, "finite": finite.all(0)}
+            return {"step": step, **{k: float(v) for k, v in record.items()}}
+        return {"step": step, **record, "finite": finite.all(0)}

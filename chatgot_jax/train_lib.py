@@ -181,7 +181,8 @@ class ResidentBatches:
     its devices hold.
     """
 
-    def __init__(self, cfg: Config, mesh: Mesh, tokens: np.ndarray, seed: int):
+    def __init__(self, cfg: Config, mesh: Mesh, tokens: np.ndarray, seed: int | list[int]):
+        # A list of seeds (a sweep's group, one per run) gives starts of shape (R, K, B).
         self.cfg, self.mesh, self.seed, self.n = cfg, mesh, seed, len(tokens)
         replicated = NamedSharding(mesh, P())
         self.tokens = jax.make_array_from_callback(tokens.shape, replicated,
@@ -190,14 +191,23 @@ class ResidentBatches:
         self.starts = self.first_dev = None
 
     def for_micro_step(self, micro: int):
-        """(tokens, starts_KxB, first) for the train step at micro-step `micro`."""
+        """(tokens, starts_KxB, first) for the train step at micro-step `micro`
+        (starts_RxKxB with a list of seeds)."""
         if self.first is None or not self.first <= micro < self.first + STARTS_CHUNK:
             t = self.cfg.train
-            starts = np.stack([batch_starts(self.n, seed=self.seed, step=m,
-                                            batch_size=t.batch_size,
-                                            seq_len=self.cfg.model.max_seq_length)
-                               for m in range(micro, micro + STARTS_CHUNK)]).astype(np.int32)
-            sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
+
+            def chunk(seed):
+                return np.stack([batch_starts(self.n, seed=seed, step=m,
+                                              batch_size=t.batch_size,
+                                              seq_len=self.cfg.model.max_seq_length)
+                                 for m in range(micro, micro + STARTS_CHUNK)]).astype(np.int32)
+
+            if isinstance(self.seed, list):
+                starts = np.stack([chunk(seed) for seed in self.seed])
+                sharding = NamedSharding(self.mesh, P(None, None, BATCH_AXES))
+            else:
+                starts = chunk(self.seed)
+                sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
             self.starts = jax.make_array_from_callback(starts.shape, sharding,
                                                        lambda index: starts[index])
             self.first = micro
@@ -205,10 +215,10 @@ class ResidentBatches:
         return self.tokens, self.starts, self.first_dev
 
 
-def make_resident_train_step(cfg: Config, mesh: Mesh, shardings):
-    """jit(state, h, tokens, starts_KxB, first) -> (state, metrics): the train step on the
-    batch it cuts from the device-resident tokens at the starts of its micro-step
-    (row micro - first of the chunk); the state is donated."""
+def resident_step_fn(cfg: Config, mesh: Mesh):
+    """The pure (state, h, tokens, starts_KxB, first) -> (state, metrics): the train step
+    on the batch it cuts from the device-resident tokens at the starts of its
+    micro-step (row micro - first of the chunk)."""
     step_fn, T = train_step_fn(cfg), cfg.model.max_seq_length
     data = batch_sharding(mesh)
 
@@ -219,8 +229,13 @@ def make_resident_train_step(cfg: Config, mesh: Mesh, shardings):
         windows = jax.lax.with_sharding_constraint(windows, data)
         return step_fn(state, h, windows[:, :-1], windows[:, 1:])
 
+    return resident_step
+
+
+def make_resident_train_step(cfg: Config, mesh: Mesh, shardings):
+    """jit(resident_step_fn): the state is donated."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(resident_step,
+    return jax.jit(resident_step_fn(cfg, mesh),
                    in_shardings=(shardings, replicated, replicated,
                                  NamedSharding(mesh, P(None, BATCH_AXES)), replicated),
                    out_shardings=(shardings, replicated), donate_argnums=0)

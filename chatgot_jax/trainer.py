@@ -174,6 +174,7 @@ class Run:
     step: int  # optimizer steps done
     t_start: float
     best_val: float = math.inf
+    writing: int | None = None  # the step of a checkpoint written in the background
     last_val: float | None = None  # validation loss at `step`, if evaluated there
     interrupted: bool = False
 
@@ -197,9 +198,12 @@ def train_and_evaluate(cfg: config_lib.Config, data_path: str | None, run_dir: s
         run = setup(cfg, existing, data, run_dir, lock, command)
         try:
             train(run)
-            return finish(run)
-        finally:
-            run.manager.close()
+            summary = finish(run)
+        except BaseException:
+            ckpt.close(run.manager, quiet=True)  # the run's own error is the one to report
+            raise
+        ckpt.close(run.manager)
+        return summary
     finally:
         lock.release()
 
@@ -239,7 +243,7 @@ def setup(cfg, existing: run_dir_lib.Existing, data: RunData, run_dir: pathlib.P
         run_dir_lib.write_start(run_dir, cfg, data.tokenizer, existing,
                                 run_dir_lib.provenance(data.identity, list(mesh.devices.flat),
                                                        command))
-    manager = ckpt.make_manager(run_dir, keep=cfg.train.keep)
+    manager = ckpt.make_manager(run_dir, keep=cfg.train.keep, async_saves=True)
     state, shardings = initial_state(cfg, mesh, manager, resuming=bool(existing.steps))
     step = train_lib.optimizer_step(state)
     batches = train_lib.ResidentBatches(cfg, mesh, data.train_tokens,
@@ -284,8 +288,10 @@ def train(run: Run) -> None:
                 end_of_run = run.step == tcfg.max_steps
                 evaluate_now = run.step % tcfg.eval_every == 0 or end_of_run
                 save_now = run.step % tcfg.save_every == 0 or end_of_run
-                if run.step % tcfg.log_every == 0 or evaluate_now or save_now:
-                    log_metrics(run, metrics.flush(), bar)  # never evaluate or save a NaN state
+                if evaluate_now or save_now:
+                    log_metrics(run, metrics, bar)  # never evaluate or save a NaN state
+                elif run.step % tcfg.log_every == 0:
+                    log_metrics(run, metrics, bar, lagged=True)  # no wait on the device
                 if evaluate_now:
                     evaluate_and_sample(run)
                 if save_now:
@@ -297,6 +303,10 @@ def train(run: Run) -> None:
     except KeyboardInterrupt:  # a second Ctrl-C, maybe in the middle of a step
         stop_and_save(run, metrics, bar, whole=False)
     except Diverged as e:
+        try:
+            finish_writing(run)  # a checkpoint from before the divergence
+        except UserError:  # RunError: its write failed; the older ones are listed below
+            pass
         kept = run.manager.latest_step()
         raise Diverged(f"{e}; nothing was saved after it, the last good checkpoint is "
                        f"{'step ' + str(kept) if kept is not None else 'none'} in "
@@ -306,13 +316,22 @@ def train(run: Run) -> None:
         run.log.close()
 
 
-def log_metrics(run: Run, record: dict | None, bar) -> None:
-    if record is None:
-        return
+def log_metrics(run: Run, metrics: MetricsBuffer, bar, lagged: bool = False) -> None:
+    """Logs what metrics.flush(lagged) fetches; on Diverged, the steps before it first."""
+    try:
+        records = metrics.flush(lagged)
+    except Diverged as e:
+        for record in e.records:
+            log_record(run, record, bar)
+        raise
+    for record in records:
+        log_record(run, record, bar)
+
+
+def log_record(run: Run, record: dict, bar) -> None:
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                     lr=f"{record['lr']:.2e}")
-    run.log.write({"step": run.step, **record,
-                   "tokens": train_lib.tokens_trained(run.cfg, run.step),
+    run.log.write({**record, "tokens": train_lib.tokens_trained(run.cfg, record["step"]),
                    "time": time.time() - run.t_start})
 
 
@@ -330,9 +349,22 @@ def evaluate_and_sample(run: Run) -> None:
         run.log.text("sample", sample, run.step)
 
 
-def save(run: Run) -> None:
+def save(run: Run, wait: bool = False) -> None:
+    """Starts writing checkpoint run.step in the background (training goes on), once the
+    previous one is complete; wait=True also waits for this one."""
+    finish_writing(run)
     ckpt.save(run.manager, run.state, run.cfg, run.data.tokenizer, run.step, run.last_val,
-              data=run.data.identity)
+              data=run.data.identity, wait=False)
+    run.writing = run.step
+    if wait:
+        finish_writing(run)
+
+
+def finish_writing(run: Run) -> None:
+    """Waits for the checkpoint in flight; a failed write stops the run (RunError)."""
+    if run.writing is not None:
+        step, run.writing = run.writing, None
+        ckpt.finish_save(run.manager, step)
 
 
 def stop_and_save(run: Run, metrics: MetricsBuffer, bar, whole: bool) -> None:
@@ -345,9 +377,10 @@ def stop_and_save(run: Run, metrics: MetricsBuffer, bar, whole: bool) -> None:
         run.step = step if whole else run.step
     if not whole:
         metrics.drop()
-    log_metrics(run, metrics.flush(), bar)  # raises Diverged rather than save a NaN state
+    log_metrics(run, metrics, bar)  # raises Diverged rather than save a NaN state
+    finish_writing(run)
     if whole and run.step not in run.manager.all_steps():
-        save(run)
+        save(run, wait=True)
     saved = run.manager.latest_step()
     if saved == run.step:
         run.log.print(f"interrupted at step {run.step}: checkpoint saved in {run.run_dir}; "
@@ -387,6 +420,7 @@ def final_sample(run: Run, best: tuple[float, int] | None) -> None:
 
 def finish(run: Run) -> dict:
     """The end-of-run summary; its best validation loss is over the run's checkpoints."""
+    finish_writing(run)
     best = ckpt.best_checkpoint(run.manager)
     final_sample(run, best)
     best_val = min(run.best_val, best[0] if best else math.inf)

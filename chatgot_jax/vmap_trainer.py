@@ -22,7 +22,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
-from chatgot_jax import data as data_lib
 from chatgot_jax import run_dir as run_dir_lib
 from chatgot_jax import train_lib, trainer
 from chatgot_jax.errors import UserError
@@ -110,10 +109,11 @@ def group_hyperparams(members: list[Member], mesh) -> dict:
 
 def compiled_steps(cfg, mesh, shardings):
     """(vmapped train step, vmapped eval step) for the group's shared config."""
-    runs_batch = NamedSharding(mesh, P(None, train_lib.BATCH_AXES))
+    runs_starts = NamedSharding(mesh, P(None, None, train_lib.BATCH_AXES))
     replicated = NamedSharding(mesh, P())
-    step = jax.jit(jax.vmap(train_lib.train_step_fn(cfg)),
-                   in_shardings=(shardings, replicated, runs_batch, runs_batch),
+    # Each run cuts its batch from the shared device-resident tokens at its own starts.
+    step = jax.jit(jax.vmap(train_lib.resident_step_fn(cfg, mesh), in_axes=(0, 0, None, 0, None)),
+                   in_shardings=(shardings, replicated, replicated, runs_starts, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=0)
     batch = train_lib.batch_sharding(mesh)
     evaluate = jax.jit(jax.vmap(lambda p, x, y: train_lib.loss_fn(p, cfg, x, y),
@@ -150,17 +150,6 @@ def train_group(points, data_path, out: pathlib.Path, bar, command) -> bool:
         close(members)
 
 
-def batches(members: list[Member], micro: int, mesh):
-    """Each run's micro-batch from its own data seed, stacked: (x, y), each (R, B, T)."""
-    t, seq_len = members[0].cfg.train, members[0].cfg.model.max_seq_length
-    xy = [data_lib.get_batch(m.data.train_tokens, seed=config_lib.seed_of(m.cfg.train, "data"),
-                             step=micro, batch_size=t.batch_size, seq_len=seq_len)
-          for m in members]
-    sharding = NamedSharding(mesh, P(None, train_lib.BATCH_AXES))
-    return (jax.device_put(np.stack([x for x, _ in xy]), sharding),
-            jax.device_put(np.stack([y for _, y in xy]), sharding))
-
-
 def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
     """The group's loop: batches -> vmapped step -> log -> maybe evaluate -> maybe save.
     Returns False when Ctrl-C stopped it (after saving every run at its step)."""
@@ -169,10 +158,14 @@ def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
     h = group_hyperparams(members, mesh)
     train_step, eval_step = compiled_steps(cfg, mesh, shardings)
     metrics = MetricsBuffer(t.batch_size * cfg.model.max_seq_length, stop_on_divergence=False)
+    # The group shares its corpus (and validation windows); each run draws its own batches.
+    batches = train_lib.ResidentBatches(
+        cfg, mesh, members[0].data.train_tokens,
+        [config_lib.seed_of(m.cfg.train, "data") for m in members])
     with trainer.StopOnSigint() as stop:
         while step < t.max_steps and not stop.requested:
             for micro in range(step * t.grad_accum, (step + 1) * t.grad_accum):
-                state, m = train_step(state, h, *batches(members, micro, mesh))
+                state, m = train_step(state, h, *batches.for_micro_step(micro))
                 if (first_s := metrics.add(m)) is not None:
                     for member in members:
                         member.log.write({"step": step, "first_step_s": first_s})
@@ -182,8 +175,10 @@ def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
                 member.last_val = None
             end = step == t.max_steps
             evaluate_now, save_now = step % t.eval_every == 0 or end, step % t.save_every == 0 or end
-            if step % t.log_every == 0 or evaluate_now or save_now:
-                log_records(members, metrics.flush(), step)
+            if evaluate_now or save_now:
+                log_records(members, metrics.flush())  # no non-finite run is evaluated or saved
+            elif step % t.log_every == 0:
+                log_records(members, metrics.flush(lagged=True))  # no wait on the device
             if evaluate_now:
                 evaluate(members, eval_step, state["params"], mesh, step, bar)
             if save_now:
@@ -191,14 +186,18 @@ def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
             if evaluate_now or save_now:
                 metrics.restart_clock()
         if stop.requested:
-            log_records(members, metrics.flush(), step)
+            log_records(members, metrics.flush())
             save(members, state, step)
     return not stop.requested
 
 
-def log_records(members: list[Member], record: dict | None, step: int) -> None:
-    if record is None:
-        return
+def log_records(members: list[Member], records: list[dict]) -> None:
+    for record in records:
+        log_record(members, record)
+
+
+def log_record(members: list[Member], record: dict) -> None:
+    step = record["step"]
     for k, m in enumerate(members):
         if m.diverged:
             continue

@@ -3,7 +3,8 @@
     python tests/fault_wrapper.py TRAIN_ARGS...   (from the repository root)
 
 FAULT_MODE=die-in-save FAULT_ARG=N: SIGKILL in the middle of writing checkpoint N
-  (when Orbax starts writing the "meta" item into N.orbax-checkpoint-tmp);
+  (when Orbax's writer, in the background, starts writing the "meta" item's file into
+  N.orbax-checkpoint-tmp);
 FAULT_MODE=park FAULT_ARG=N: before micro-batch N is handed to the step, touch FAULT_MARKER and
   wait until FAULT_RELEASE exists (a safe point for a Ctrl-C to land);
 FAULT_MODE=fsize FAULT_ARG=N: writing a file past N bytes fails with EFBIG (as
@@ -26,14 +27,14 @@ from chatgot_jax import train_lib  # noqa: E402
 
 
 def die_while_saving(step: int) -> None:
-    real_async_save = ocp.handlers.JsonCheckpointHandler.async_save
+    real_save_fn = ocp.handlers.JsonCheckpointHandler._save_fn
 
-    async def async_save(self, directory, *args, **kwargs):
+    async def save_fn(self, x, directory, *args, **kwargs):
         if f"/{step}.orbax-checkpoint-tmp" in str(directory):
             os.kill(os.getpid(), signal.SIGKILL)
-        return await real_async_save(self, directory, *args, **kwargs)
+        return await real_save_fn(self, x, directory, *args, **kwargs)
 
-    ocp.handlers.JsonCheckpointHandler.async_save = async_save
+    ocp.handlers.JsonCheckpointHandler._save_fn = save_fn
 
 
 def park_before(micro_step: int) -> None:

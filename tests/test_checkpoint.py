@@ -101,3 +101,89 @@ def test_restores_checkpoints_that_also_hold_the_micro_step(tmp_path):
     restored = ckpt.restore_newest(manager, train_lib.abstract_state(cfg))
     assert set(restored) == {"params", "opt_state", "rng"}
     np.testing.assert_array_equal(restored["rng"], state["rng"])
+
+
+def test_a_background_save_keeps_the_state_it_was_given(tmp_path, monkeypatch):
+    """save(wait=False) returns while Orbax still writes; the loop then donates the state
+    to the next train step. The checkpoint appears only when complete and holds the
+    state as it was at save(), not the buffers' later contents."""
+    import threading
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    tokenizer = CharTokenizer.from_text("ARYA: not today.")
+    cfg = micro_config(f"model.vocab_size={tokenizer.vocab_size}")
+    state = train_lib.init_state(cfg, rng_seed=4)
+    expected = jax.device_get(state)
+    release, writing = threading.Event(), threading.Event()
+    real_save_fn = ocp.handlers.JsonCheckpointHandler._save_fn
+
+    async def held_save_fn(self, x, directory, *args, **kwargs):
+        writing.set()
+        assert release.wait(60)  # the writer thread waits here, the test goes on
+        return await real_save_fn(self, x, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", held_save_fn)
+    manager = ckpt.make_manager(tmp_path / "run", async_saves=True)
+    try:
+        ckpt.save(manager, state, cfg, tokenizer, 5, val_loss=1.5, wait=False)
+        assert writing.wait(60)
+        assert ckpt.existing_steps(tmp_path / "run") == []  # still being written
+        # What the loop does next: the state goes to a donating step, which writes new values.
+        state = jax.jit(lambda s: jax.tree.map(lambda x: x + jnp.ones_like(x), s),
+                        donate_argnums=0)(state)
+        jax.block_until_ready(state)
+        release.set()
+        ckpt.finish_save(manager, 5)
+        assert ckpt.existing_steps(tmp_path / "run") == [5]
+        restored = ckpt.restore_state(manager, 5, train_lib.abstract_state(cfg))
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
+        assert ckpt.best_checkpoint(manager) == (1.5, 5)
+    finally:
+        release.set()
+        ckpt.close(manager)
+
+
+def test_a_failed_background_write_is_one_error_when_waited_for(tmp_path, monkeypatch, capsys,
+                                                                caplog):
+    """The writer thread fails (disk full) while the loop goes on: nothing is printed or
+    logged then; finish_save reports it as one RunError and leaves no complete checkpoint."""
+    import errno
+    import logging
+    import threading
+    import time
+
+    import orbax.checkpoint as ocp
+
+    from chatgot_jax.errors import RunError
+
+    tokenizer = CharTokenizer.from_text("ab")
+    cfg = micro_config(f"model.vocab_size={tokenizer.vocab_size}")
+    state = train_lib.init_state(cfg)
+
+    go, failed = threading.Event(), threading.Event()
+
+    async def full_disk(self, x, directory, *args, **kwargs):
+        assert go.wait(60)  # fail while the loop trains, not inside save() or finish_save()
+        failed.set()
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", full_disk)
+    manager = ckpt.make_manager(tmp_path / "run", async_saves=True)
+    ckpt.save(manager, state, cfg, tokenizer, 3, wait=False)
+    go.set()
+    assert failed.wait(60)
+    time.sleep(1.0)  # Orbax's thread logs its failure now
+    try:
+        with pytest.raises(RunError) as exc:
+            ckpt.finish_save(manager, 3)
+    finally:
+        ckpt.close(manager, quiet=True)
+    assert str(exc.value) == (f"could not write checkpoint step 3 in {manager.directory}: "
+                              f"No space left on device; earlier checkpoints are intact")
+    assert ckpt.existing_steps(tmp_path / "run") == []
+    assert capsys.readouterr().err == ""
+    # Orbax's writer thread logs its failure with a traceback: held back (through pytest,
+    # logging reaches caplog, not stderr; tests/test_faults.py checks a real stderr).
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -270,7 +270,10 @@ def test_kill_9_inside_a_save(baseline, corpus, tmp_path, capsys):
     assert "resuming at step 4" in captured.out and not warning_lines(captured.err)
     (start0, killed), (start1, resumed) = runs_in_metrics(run_dir)
     assert (start0, start1) == (0, 4)
-    assert killed == expected_losses(baseline, range(1, 7))  # 6 was logged, then saving died
+    # Checkpoint 6 is written in the background: the loop logged step 6 before saving it
+    # and may have trained on (it waits for 6 to be complete before saving 8).
+    assert set(range(1, 7)) <= set(killed) <= set(STEPS)
+    assert killed == expected_losses(baseline, killed)
     assert resumed == expected_losses(baseline, [5, 6, 7, 8])
     assert_finished_like_baseline(run_dir, baseline)
 
@@ -459,7 +462,9 @@ def test_real_write_error_while_saving_arrays(baseline, corpus, tmp_path):
         f"error: could not write checkpoint step 2 in {run_dir.resolve() / ckpt.CKPT_SUBDIR}: "
         f"File too large; earlier checkpoints are intact"], stderr[-3000:]
     assert ckpt.existing_steps(run_dir) == []
-    assert runs_in_metrics(run_dir) == [(0, expected_losses(baseline, [1, 2]))]
+    # Checkpoint 2 is written in the background; the loop learns of the failure when it
+    # next waits for it, before saving step 4.
+    assert runs_in_metrics(run_dir) == [(0, expected_losses(baseline, [1, 2, 3, 4]))]
 
 
 # ---------------------------------------------------------------------------- 6. Ctrl-C

@@ -112,6 +112,23 @@ def test_shape_changing_axes_make_groups(tmp_path, corpus, capsys):
     assert seeds["d_hid=32,seed=0"] != seeds["d_hid=32,seed=1"]  # seeds are really different
 
 
+def test_each_run_of_a_group_cuts_its_own_batches(tmp_path, corpus, capsys):
+    """Runs that differ only in their data seed are one vmapped group sharing one copy of
+    the tokens on the device; each cuts the batches its seed gives when trained alone."""
+    argv = ["--max-steps", "3", "--eval-every", "3", "--save-every", "3"]
+    sweep.main(sweep_argv(corpus, tmp_path / "vmapped", *argv, grid="train.data_seed=1,2"))
+    assert "2 runs trained together" in capsys.readouterr().out
+    sweep.main(sweep_argv(corpus, tmp_path / "alone", "--sequential", *argv,
+                          grid="train.data_seed=1,2"))
+    losses = {}
+    for name in ("data_seed=1,seed=0", "data_seed=2,seed=0"):
+        (got, _), (want, _) = logged(tmp_path / "vmapped" / name), logged(tmp_path / "alone" / name)
+        assert sorted(got) == sorted(want) == [1, 2, 3]
+        np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
+        losses[name] = got
+    assert losses["data_seed=1,seed=0"][1] != losses["data_seed=2,seed=0"][1]  # other batches
+
+
 def test_resume_after_kill_9(vmapped, tmp_path, corpus):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "chatgot_jax.sweep", *sweep_argv(corpus, out)]

@@ -21,18 +21,48 @@ def metrics(loss, grad_norm=1.0, lr=1e-3, opt_step=1):
 
 def test_metrics_buffer_averages_and_times_all_but_the_first_step():
     buffer = MetricsBuffer(tokens_per_micro=100)
-    assert buffer.flush() is None  # nothing queued
+    assert buffer.flush() == []  # nothing queued
     first = buffer.add(metrics(4.0, grad_norm=2.0))
     assert first is not None and first >= 0  # the run's first step waits and is timed alone
     assert buffer.add(metrics(2.0, grad_norm=4.0, lr=5e-4)) is None
-    record = buffer.flush()
+    [record] = buffer.flush()
     assert record["loss"] == 3.0 and record["grad_norm"] == 3.0
     assert math.isclose(record["lr"], 5e-4, rel_tol=1e-6)  # the last step's lr
     assert record["tokens_per_s"] > 0  # one timed step of 100 tokens
-    assert buffer.flush() is None
+    assert buffer.flush() == []
     buffer.add(metrics(1.0))
     buffer.drop()
-    assert buffer.flush() is None
+    assert buffer.flush() == []
+
+
+def test_lagged_flush_fetches_all_but_the_newest_interval():
+    buffer = MetricsBuffer(tokens_per_micro=10)
+    buffer.add(metrics(4.0, opt_step=1))  # the run's first step, timed alone
+    buffer.add(metrics(2.0, opt_step=2))
+    assert buffer.flush(lagged=True) == []  # the only closed interval is the newest
+    buffer.add(metrics(6.0, opt_step=3))
+    [record] = buffer.flush(lagged=True)  # closes step 3's interval, fetches steps 1-2
+    assert record["step"] == 2 and record["loss"] == 3.0
+    assert record["tokens_per_s"] > 0  # step 2, over the host time of its interval
+    buffer.add(metrics(8.0, opt_step=4))
+    buffer.add(metrics(10.0, opt_step=5))
+    # A full flush fetches the rest, one record per interval: step 3, then steps 4-5.
+    assert [(r["step"], r["loss"]) for r in buffer.flush()] == [(3, 6.0), (5, 9.0)]
+    assert buffer.flush() == [] and buffer.flush(lagged=True) == []
+
+
+def test_a_non_finite_step_in_the_newest_interval_waits_for_the_full_flush():
+    buffer = MetricsBuffer(tokens_per_micro=1)
+    buffer.add(metrics(2.0, opt_step=1))
+    buffer.add(metrics(float("nan"), opt_step=2))
+    assert buffer.flush(lagged=True) == []  # not fetched yet, so not judged yet
+    buffer.add(metrics(1.0, opt_step=3))
+    with pytest.raises(Diverged, match="the loss became nan at step 2"):
+        buffer.flush(lagged=True)  # one interval later
+    buffer.drop()
+    buffer.add(metrics(float("nan"), opt_step=4))
+    with pytest.raises(Diverged, match="at step 4"):
+        buffer.flush()  # what the loop calls before it evaluates or saves
 
 
 @pytest.mark.parametrize("loss, grad_norm, what", [
