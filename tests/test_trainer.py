@@ -4,6 +4,7 @@ import math
 import os
 import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -166,3 +167,29 @@ def test_logger_without_tensorboardx_still_writes_metrics(tmp_path, monkeypatch,
     assert [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")] == [2.0]
     assert not list(tmp_path.glob("events.out.tfevents.*"))
     assert "tensorboardX is not installed" in capsys.readouterr().out
+
+
+def test_loop_cost_runs_train_py_loop_with_a_step_that_does_no_work(tmp_path, corpus):
+    """tools/loop_cost: the real loop (accumulation, logging, evaluation, saves) around an
+    idle step: optimizer steps are counted as train.py counts them, the params never move."""
+    import json
+
+    from chatgot_jax import checkpoint as ckpt
+    from chatgot_jax.tools import loop_cost
+    from conftest import MICRO_OVERRIDES
+
+    run_dir = tmp_path / "idle"
+    summary = loop_cost.main(["--data", str(corpus), "--out", str(run_dir), "--max-steps", "30",
+                              "--eval-every", "30", "--save-every", "30", *MICRO_OVERRIDES,
+                              "train.batch_size=8", "train.grad_accum=2", "mesh.data=1",
+                              "train.sample_tokens=0", "train.eval_windows=8"])
+    assert summary["steps"] == 30
+    assert train_lib.make_resident_train_step.__name__ == "make_resident_train_step"  # restored
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in logged if "loss" in r] == [(10, 1.0), (20, 1.0),
+                                                                       (30, 1.0)]
+    assert ckpt.existing_steps(run_dir) == [30]
+    params, cfg, _, step = ckpt.load_for_inference(str(run_dir))
+    assert step == 30
+    init = train_lib.init_state(cfg)["params"]
+    jax.tree.map(np.testing.assert_array_equal, params, init)
