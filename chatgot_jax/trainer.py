@@ -31,7 +31,7 @@ from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
 from chatgot_jax import run_dir as run_dir_lib
 from chatgot_jax import train_lib
-from chatgot_jax.errors import Diverged, UserError
+from chatgot_jax.errors import Diverged, RunError, UserError
 from chatgot_jax.metrics import Logger, MetricsBuffer
 
 
@@ -305,7 +305,7 @@ def train(run: Run) -> None:
     except Diverged as e:
         try:
             finish_writing(run)  # a checkpoint from before the divergence
-        except UserError:  # RunError: its write failed; the older ones are listed below
+        except RunError:  # its write failed; the newest complete one is named below
             pass
         kept = run.manager.latest_step()
         raise Diverged(f"{e}; nothing was saved after it, the last good checkpoint is "

@@ -356,6 +356,27 @@ def test_nan_loss_stops_without_saving(baseline, corpus, tmp_path, capsys):
     assert_same_params(params, params_at(baseline[0], step=2)[1])
 
 
+def test_nan_loss_while_a_checkpoint_is_written(baseline, corpus, tmp_path, capsys):
+    """A checkpoint every step: the one before the bad step is still being written in the
+    background when the loop stops; it is completed, and named as the last good one."""
+    run_dir = tmp_path / "nan-in-flight"
+    copy_run(baseline[0], run_dir, keep_steps={2})
+    with pytest.raises(SystemExit) as exc:
+        main_in_process(argv(run_dir, corpus, "--max-steps", "6", "--lr", "1e9", "--resume",
+                             "--save-every", "1"))
+    assert exc.value.code == 1
+    [line] = error_lines(capsys.readouterr().err)
+    match = re.fullmatch(r"error: the loss became \S+ at step (\d+); nothing was saved after "
+                         r"it, the last good checkpoint is step (\d+) in \S+: .*", line)
+    assert match, line
+    bad, kept = int(match[1]), int(match[2])
+    assert 3 <= bad <= 6 and kept == bad - 1
+    assert ckpt.existing_steps(run_dir) == list(range(2, bad)) and tmp_dirs(run_dir) == []
+    step, params = params_at(run_dir)
+    assert step == bad - 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
 def test_non_finite_update_is_never_saved(baseline, corpus, tmp_path, monkeypatch, capsys):
     """Gradients overflow while the loss is still finite: the update makes the params NaN."""
     run_dir = tmp_path / "inf-grad"
