@@ -111,10 +111,11 @@ class MetricsBuffer:
     it evaluates or saves, so no non-finite state is ever evaluated or saved).
     Either returns one record per fetched interval: mean loss and gradient norm,
     the last lr, the step of its last update ("step"), and tokens/s over the
-    interval's host time, the run's first step and restart_clock() pauses left out. A non-finite loss or gradient norm raises
-    Diverged; with stop_on_divergence=False (a sweep's group, whose metrics carry
-    a run axis) the record's values are per-run arrays and "finite" says which
-    runs stayed finite.
+    interval's host time (the run's first step and restart_clock() pauses left
+    out). A non-finite loss or gradient norm raises Diverged; with
+    stop_on_divergence=False (a sweep's group, whose metrics carry a run axis)
+    the record's values are per-run arrays and "finite" says which runs stayed
+    finite.
     """
 
     def __init__(self, tokens_per_micro: int, stop_on_divergence: bool = True):
