@@ -162,6 +162,7 @@ def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
     batches = train_lib.ResidentBatches(
         cfg, mesh, members[0].data.train_tokens,
         [config_lib.seed_of(m.cfg.train, "data") for m in members])
+    val_batches = trainer.validation_batches(members[0].data, t.batch_size, mesh)  # uploaded once
     with trainer.StopOnSigint() as stop:
         while step < t.max_steps and not stop.requested:
             for micro in range(step * t.grad_accum, (step + 1) * t.grad_accum):
@@ -180,7 +181,7 @@ def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
             elif step % t.log_every == 0:
                 log_records(members, metrics.flush(lagged=True))  # no wait on the device
             if evaluate_now:
-                evaluate(members, eval_step, state["params"], mesh, step, bar)
+                evaluate(members, eval_step, state["params"], val_batches, step, bar)
             if save_now:
                 save(members, state, step)
             if evaluate_now or save_now:
@@ -213,15 +214,12 @@ def log_record(members: list[Member], record: dict) -> None:
                      "time": time.time() - m.t_start})
 
 
-def evaluate(members: list[Member], eval_step, params, mesh, step: int, bar) -> None:
-    """Every run's validation loss on the shared windows, in one vmapped pass per batch."""
-    data, batch_size = members[0].data, members[0].cfg.train.batch_size
-    losses = []
-    for i in range(0, len(data.val_x), batch_size):
-        x, y = train_lib.put_batch(mesh, data.val_x[i:i + batch_size],
-                                   data.val_y[i:i + batch_size])
-        losses.append(eval_step(params, x, y))
-    val = np.mean(jax.device_get(losses), axis=0)  # (R,)
+def evaluate(members: list[Member], eval_step, params, val_batches: list, step: int,
+             bar) -> None:
+    """Every run's validation loss on the shared windows (trainer.validation_batches, on
+    the device), in one vmapped pass per batch."""
+    val = np.mean(jax.device_get([eval_step(params, x, y) for x, y in val_batches]),
+                  axis=0)  # (R,)
     latest = {}
     for k, m in enumerate(members):
         if m.diverged:
