@@ -75,7 +75,7 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
 
     def write():
         if not wait:
-            _BACKGROUND.start()  # before the writer thread can fail
+            _BACKGROUND.start(manager)  # before the writer thread can fail
         manager.save(opt_step, args=args, metrics=metrics, force=True)
         if wait:
             manager.wait_until_finished()
@@ -89,7 +89,7 @@ def finish_save(manager: ocp.CheckpointManager, opt_step: int) -> None:
     try:
         _reporting_write_errors(manager, opt_step, manager.wait_until_finished)
     finally:
-        _BACKGROUND.stop()
+        _BACKGROUND.stop(manager)
 
 
 def close(manager: ocp.CheckpointManager, quiet: bool = False) -> None:
@@ -103,7 +103,7 @@ def close(manager: ocp.CheckpointManager, quiet: bool = False) -> None:
             raise
         _silence_failed_writes()
     finally:
-        _BACKGROUND.stop()
+        _BACKGROUND.stop(manager)
 
 
 def _reporting_write_errors(manager: ocp.CheckpointManager, opt_step: int, write) -> None:
@@ -129,11 +129,12 @@ class _BackgroundWrites(logging.Filter):
     """While a checkpoint is written in the background, Orbax's writer thread logs its
     failure (with a traceback) through absl as it happens, and TensorStore's callbacks
     raise "Event loop is closed" afterwards: both are dropped, because finish_save
-    reports the failure in one line when the loop next waits for the write."""
+    reports the failure in one line when the loop next waits for the write. Held while
+    any manager (a sweep has one per run) has a write in flight."""
 
     def __init__(self):
         super().__init__()
-        self.active = False
+        self.writing = set()  # id() of the managers with a write in flight
         self.previous_hook = None
 
     def filter(self, record) -> bool:
@@ -144,18 +145,20 @@ class _BackgroundWrites(logging.Filter):
                 and "Event loop is closed" in str(unraisable.exc_value)):
             self.previous_hook(unraisable)
 
-    def start(self) -> None:
-        if not self.active:
+    def start(self, manager) -> None:
+        if not self.writing:
             logging.getLogger("absl").addFilter(self)
             self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
-            self.active = True
+        self.writing.add(id(manager))
 
-    def stop(self) -> None:
-        if self.active:
+    def stop(self, manager) -> None:
+        if id(manager) not in self.writing:
+            return
+        self.writing.discard(id(manager))
+        if not self.writing:
             logging.getLogger("absl").removeFilter(self)
             if sys.unraisablehook == self._unraisable:
                 sys.unraisablehook = self.previous_hook
-            self.active = False
 
 
 _BACKGROUND = _BackgroundWrites()

@@ -43,6 +43,7 @@ class Member:
     log: Logger | None = None
     diverged: bool = False
     last_val: float | None = None  # validation loss at the current step, if evaluated
+    writing: int | None = None  # the step of its checkpoint written in the background
     t_start: float = 0.0  # when this start of the group began
 
 
@@ -141,7 +142,7 @@ def train_group(points, data_path, out: pathlib.Path, bar, command) -> bool:
             run_dir_lib.write_start(m.run_dir, m.cfg, m.data.tokenizer, m.existing,
                                     run_dir_lib.provenance(m.data.identity,
                                                            list(mesh.devices.flat), command))
-            m.manager = ckpt.make_manager(m.run_dir, keep=m.cfg.train.keep)
+            m.manager = ckpt.make_manager(m.run_dir, keep=m.cfg.train.keep, async_saves=True)
             m.t_start = time.time()
             m.log = Logger(m.run_dir, True, start_step=step, hparams=run_dir_lib.flat(m.cfg))
         state, shardings = group_state(members, mesh, step)
@@ -189,6 +190,7 @@ def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
         if stop.requested:
             log_records(members, metrics.flush())
             save(members, state, step)
+    finish_writing(members)
     return not stop.requested
 
 
@@ -235,19 +237,30 @@ def evaluate(members: list[Member], eval_step, params, val_batches: list, step: 
 
 
 def save(members: list[Member], state, step: int) -> None:
-    """Each finite run's slice of the state, into its own run directory."""
+    """Each finite run's slice of the state, into its own run directory, written in the
+    background once the run's previous checkpoint is complete."""
+    finish_writing(members)
     for k, m in enumerate(members):
         if m.diverged or step in m.manager.all_steps():
             continue
-        run_state = jax.tree.map(lambda a: a[k], state)
+        run_state = jax.tree.map(lambda a: a[k], state)  # new arrays: the step donates none
         ckpt.save(m.manager, run_state, m.cfg, m.data.tokenizer, step, m.last_val,
-                  data=m.data.identity)
+                  data=m.data.identity, wait=False)
+        m.writing = step
+
+
+def finish_writing(members: list[Member]) -> None:
+    """Waits for the runs' checkpoints in flight; a failed write stops the sweep (RunError)."""
+    for m in members:
+        if m.writing is not None:
+            step, m.writing = m.writing, None
+            ckpt.finish_save(m.manager, step)
 
 
 def close(members: list[Member]) -> None:
     for m in members:
-        if m.manager is not None:
-            m.manager.close()
+        if m.manager is not None:  # nothing in flight unless the group ends with an error
+            ckpt.close(m.manager, quiet=True)
         if m.log is not None:
             m.log.close()
         m.lock.release()

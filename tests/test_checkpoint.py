@@ -187,3 +187,49 @@ def test_a_failed_background_write_is_one_error_when_waited_for(tmp_path, monkey
     # Orbax's writer thread logs its failure with a traceback: held back (through pytest,
     # logging reaches caplog, not stderr; tests/test_faults.py checks a real stderr).
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_one_runs_finished_write_leaves_anothers_failure_held(tmp_path, monkeypatch, caplog):
+    """A sweep writes one checkpoint per run in the background: after run A's write is
+    waited for, run B's write, still in flight, fails; that failure is still held back
+    and reported once, by B's own wait."""
+    import errno
+    import logging
+    import threading
+    import time
+
+    import orbax.checkpoint as ocp
+
+    from chatgot_jax.errors import RunError
+
+    tokenizer = CharTokenizer.from_text("ab")
+    cfg = micro_config(f"model.vocab_size={tokenizer.vocab_size}")
+    state = train_lib.init_state(cfg)
+    go, failed = threading.Event(), threading.Event()
+    real_save_fn = ocp.handlers.JsonCheckpointHandler._save_fn
+
+    async def fail_b(self, x, directory, *args, **kwargs):
+        if "/b/" not in str(directory):
+            return await real_save_fn(self, x, directory, *args, **kwargs)
+        assert go.wait(60)
+        failed.set()
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", fail_b)
+    a = ckpt.make_manager(tmp_path / "a", async_saves=True)
+    b = ckpt.make_manager(tmp_path / "b", async_saves=True)
+    try:
+        ckpt.save(a, state, cfg, tokenizer, 1, wait=False)
+        ckpt.save(b, state, cfg, tokenizer, 1, wait=False)
+        ckpt.finish_save(a, 1)  # run A is done; B is still writing
+        go.set()
+        assert failed.wait(60)
+        time.sleep(1.0)  # Orbax's thread logs B's failure now
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        with pytest.raises(RunError, match="could not write checkpoint step 1 in .*b/"):
+            ckpt.finish_save(b, 1)
+    finally:
+        go.set()
+        ckpt.close(a, quiet=True)
+        ckpt.close(b, quiet=True)
+    assert ckpt.existing_steps(tmp_path / "a") == [1] and ckpt.existing_steps(tmp_path / "b") == []
