@@ -60,9 +60,11 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
     the corpus it was trained on (data.corpus_identity).
 
     wait=False (a manager made with async_saves) returns while the files are
-    written: finish_save(manager, opt_step) waits for them and reports a failed
-    write. Either way the step appears only when complete (Orbax renames it).
+    written: finish_save(manager) waits for them and reports a failed write. A
+    write still in flight is finished first. Either way the step appears only when
+    complete (Orbax renames it).
     """
+    finish_save(manager)  # a failure of the previous write is reported as its own step
     meta = {"config": config_lib.to_dict(cfg), "tokenizer": json.loads(tokenizer.to_json()),
             "opt_step": opt_step, "val_loss": val_loss, "data": data}
     train = {"rng": state["rng"]}
@@ -75,7 +77,7 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
 
     def write():
         if not wait:
-            _BACKGROUND.start(manager)  # before the writer thread can fail
+            _BACKGROUND.start(manager, opt_step)  # before the writer thread can fail
         manager.save(opt_step, args=args, metrics=metrics, force=True)
         if wait:
             manager.wait_until_finished()
@@ -83,9 +85,12 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
     _reporting_write_errors(manager, opt_step, write)
 
 
-def finish_save(manager: ocp.CheckpointManager, opt_step: int) -> None:
-    """Waits for the background write of checkpoint opt_step (save(..., wait=False));
-    a failed write is reported as for a synchronous save."""
+def finish_save(manager: ocp.CheckpointManager) -> None:
+    """Waits for the manager's background write (save(..., wait=False)), if one is in
+    flight; a failed write is reported as for a synchronous save."""
+    opt_step = _BACKGROUND.writing.get(id(manager))
+    if opt_step is None:
+        return
     try:
         _reporting_write_errors(manager, opt_step, manager.wait_until_finished)
     finally:
@@ -134,7 +139,7 @@ class _BackgroundWrites(logging.Filter):
 
     def __init__(self):
         super().__init__()
-        self.writing = set()  # id() of the managers with a write in flight
+        self.writing = {}  # id() of a manager with a write in flight -> its step
         self.previous_hook = None
 
     def filter(self, record) -> bool:
@@ -145,16 +150,15 @@ class _BackgroundWrites(logging.Filter):
                 and "Event loop is closed" in str(unraisable.exc_value)):
             self.previous_hook(unraisable)
 
-    def start(self, manager) -> None:
+    def start(self, manager, opt_step: int) -> None:
         if not self.writing:
             logging.getLogger("absl").addFilter(self)
             self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
-        self.writing.add(id(manager))
+        self.writing[id(manager)] = opt_step
 
     def stop(self, manager) -> None:
-        if id(manager) not in self.writing:
+        if self.writing.pop(id(manager), None) is None:
             return
-        self.writing.discard(id(manager))
         if not self.writing:
             logging.getLogger("absl").removeFilter(self)
             if sys.unraisablehook == self._unraisable:

@@ -174,7 +174,6 @@ class Run:
     step: int  # optimizer steps done
     t_start: float
     best_val: float = math.inf
-    writing: int | None = None  # the step of a checkpoint written in the background
     last_val: float | None = None  # validation loss at `step`, if evaluated there
     interrupted: bool = False
 
@@ -304,7 +303,7 @@ def train(run: Run) -> None:
         stop_and_save(run, metrics, bar, whole=False)
     except Diverged as e:
         try:
-            finish_writing(run)  # a checkpoint from before the divergence
+            ckpt.finish_save(run.manager)  # a checkpoint from before the divergence
         except RunError:  # its write failed; the newest complete one is named below
             pass
         kept = run.manager.latest_step()
@@ -350,21 +349,10 @@ def evaluate_and_sample(run: Run) -> None:
 
 
 def save(run: Run, wait: bool = False) -> None:
-    """Starts writing checkpoint run.step in the background (training goes on), once the
-    previous one is complete; wait=True also waits for this one."""
-    finish_writing(run)
+    """Writes checkpoint run.step in the background (training goes on) once the previous
+    one is complete, or at once with wait=True; a failed write stops the run (RunError)."""
     ckpt.save(run.manager, run.state, run.cfg, run.data.tokenizer, run.step, run.last_val,
-              data=run.data.identity, wait=False)
-    run.writing = run.step
-    if wait:
-        finish_writing(run)
-
-
-def finish_writing(run: Run) -> None:
-    """Waits for the checkpoint in flight; a failed write stops the run (RunError)."""
-    if run.writing is not None:
-        step, run.writing = run.writing, None
-        ckpt.finish_save(run.manager, step)
+              data=run.data.identity, wait=wait)
 
 
 def stop_and_save(run: Run, metrics: MetricsBuffer, bar, whole: bool) -> None:
@@ -378,7 +366,7 @@ def stop_and_save(run: Run, metrics: MetricsBuffer, bar, whole: bool) -> None:
     if not whole:
         metrics.drop()
     log_metrics(run, metrics, bar)  # raises Diverged rather than save a NaN state
-    finish_writing(run)
+    ckpt.finish_save(run.manager)  # a step in flight is not listed until complete
     if whole and run.step not in run.manager.all_steps():
         save(run, wait=True)
     saved = run.manager.latest_step()
@@ -420,7 +408,7 @@ def final_sample(run: Run, best: tuple[float, int] | None) -> None:
 
 def finish(run: Run) -> dict:
     """The end-of-run summary; its best validation loss is over the run's checkpoints."""
-    finish_writing(run)
+    ckpt.finish_save(run.manager)
     best = ckpt.best_checkpoint(run.manager)
     final_sample(run, best)
     best_val = min(run.best_val, best[0] if best else math.inf)

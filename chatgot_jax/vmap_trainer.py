@@ -43,7 +43,6 @@ class Member:
     log: Logger | None = None
     diverged: bool = False
     last_val: float | None = None  # validation loss at the current step, if evaluated
-    writing: int | None = None  # the step of its checkpoint written in the background
     t_start: float = 0.0  # when this start of the group began
 
 
@@ -190,7 +189,8 @@ def loop(members: list[Member], state, shardings, mesh, step: int, bar) -> bool:
         if stop.requested:
             log_records(members, metrics.flush())
             save(members, state, step)
-    finish_writing(members)
+    for m in members:
+        ckpt.finish_save(m.manager)  # a failed write stops the sweep (RunError)
     return not stop.requested
 
 
@@ -239,22 +239,13 @@ def evaluate(members: list[Member], eval_step, params, val_batches: list, step: 
 def save(members: list[Member], state, step: int) -> None:
     """Each finite run's slice of the state, into its own run directory, written in the
     background once the run's previous checkpoint is complete."""
-    finish_writing(members)
     for k, m in enumerate(members):
+        ckpt.finish_save(m.manager)  # a step in flight is not listed until complete
         if m.diverged or step in m.manager.all_steps():
             continue
         run_state = jax.tree.map(lambda a: a[k], state)  # new arrays: the step donates none
         ckpt.save(m.manager, run_state, m.cfg, m.data.tokenizer, step, m.last_val,
                   data=m.data.identity, wait=False)
-        m.writing = step
-
-
-def finish_writing(members: list[Member]) -> None:
-    """Waits for the runs' checkpoints in flight; a failed write stops the sweep (RunError)."""
-    for m in members:
-        if m.writing is not None:
-            step, m.writing = m.writing, None
-            ckpt.finish_save(m.manager, step)
 
 
 def close(members: list[Member]) -> None:

@@ -135,7 +135,7 @@ def test_a_background_save_keeps_the_state_it_was_given(tmp_path, monkeypatch):
                         donate_argnums=0)(state)
         jax.block_until_ready(state)
         release.set()
-        ckpt.finish_save(manager, 5)
+        ckpt.finish_save(manager)
         assert ckpt.existing_steps(tmp_path / "run") == [5]
         restored = ckpt.restore_state(manager, 5, train_lib.abstract_state(cfg))
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
@@ -177,7 +177,7 @@ def test_a_failed_background_write_is_one_error_when_waited_for(tmp_path, monkey
     time.sleep(1.0)  # Orbax's thread logs its failure now
     try:
         with pytest.raises(RunError) as exc:
-            ckpt.finish_save(manager, 3)
+            ckpt.finish_save(manager)
     finally:
         ckpt.close(manager, quiet=True)
     assert str(exc.value) == (f"could not write checkpoint step 3 in {manager.directory}: "
@@ -221,13 +221,13 @@ def test_one_runs_finished_write_leaves_anothers_failure_held(tmp_path, monkeypa
     try:
         ckpt.save(a, state, cfg, tokenizer, 1, wait=False)
         ckpt.save(b, state, cfg, tokenizer, 1, wait=False)
-        ckpt.finish_save(a, 1)  # run A is done; B is still writing
+        ckpt.finish_save(a)  # run A is done; B is still writing
         go.set()
         assert failed.wait(60)
         time.sleep(1.0)  # Orbax's thread logs B's failure now
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         with pytest.raises(RunError, match="could not write checkpoint step 1 in .*b/"):
-            ckpt.finish_save(b, 1)
+            ckpt.finish_save(b)
     finally:
         go.set()
         ckpt.close(a, quiet=True)
