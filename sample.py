@@ -67,7 +67,6 @@ def run(args) -> None:
     from chatgot_jax import sampling  # noqa: PLC0415 (--help stays instant)
     from chatgot_jax.checkpoint import load_for_inference  # noqa: PLC0415
 
-    cli.quiet_orbax()
     if not prompt:  # fail before loading the checkpoint
         sampling.check_prompt(None, prompt)
     sampling.check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,

@@ -16,13 +16,13 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/VARIANT)")
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint in --out to resume from (resuming is automatic)")
-    p.add_argument("--coordinator", default=os.environ.get("CHATGOT_COORDINATOR"),
-                   help="HOST:PORT of process 0, for multi-process training")
+    p.add_argument("--coordinator",
+                   help="HOST:PORT of process 0, for multi-process training (default: "
+                        "$CHATGOT_COORDINATOR)")
     p.add_argument("--num-processes", type=int,
-                   default=int(os.environ.get("CHATGOT_NUM_PROCESSES", 0)) or None)
+                   help="the number of processes (default: $CHATGOT_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int,
-                   default=int(os.environ["CHATGOT_PROCESS_ID"])
-                   if "CHATGOT_PROCESS_ID" in os.environ else None)
+                   help="this process's index (default: $CHATGOT_PROCESS_ID)")
     return p
 
 
@@ -49,9 +49,11 @@ def run(args) -> dict:
     from chatgot_jax import trainer  # noqa: PLC0415
     from chatgot_jax.run_dir import ConfigDrift  # noqa: PLC0415
 
-    cli.quiet_orbax()
     cfg = config_lib.load_config(args.variant, args.config, cli.overrides_of(args))
-    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    init_distributed(args.coordinator or os.environ.get("CHATGOT_COORDINATOR") or None,
+                     args.num_processes or cli.env_int("CHATGOT_NUM_PROCESSES") or None,
+                     args.process_id if args.process_id is not None
+                     else cli.env_int("CHATGOT_PROCESS_ID"))
     out = args.out or f"runs/{args.variant}"
     try:
         return trainer.train_and_evaluate(cfg, args.data, out, resume=args.resume,
@@ -67,4 +69,4 @@ if __name__ == "__main__":
     from chatgot_jax.cpu_tuning import prepare_process
 
     prepare_process()  # XLA flags, then a re-exec with tcmalloc when the system has it
-    main()
+    main(until_exit=True)

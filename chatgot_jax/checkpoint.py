@@ -9,16 +9,13 @@ manager keeps the last `keep` checkpoints plus the best one by validation loss.
 """
 
 import contextlib
-import functools
-import io
 import json
-import logging
 import os
 import pathlib
 import re
 import sys
 import time
-import warnings
+import weakref
 
 import jax
 import orbax.checkpoint as ocp
@@ -57,122 +54,84 @@ def save(manager: ocp.CheckpointManager, state, cfg: config_lib.Config,
          tokenizer: CharTokenizer, opt_step: int, val_loss: float | None = None,
          data: dict | None = None, wait: bool = True) -> None:
     """Saves the full train state under the optimizer step number; `data` identifies
-    the corpus it was trained on (data.corpus_identity).
+    the corpus it was trained on (data.corpus_identity). A checkpoint already at that
+    step (one a resumed group trains again) is replaced.
 
     wait=False (a manager made with async_saves) returns while the files are
     written: finish_save(manager) waits for them and reports a failed write. A
     write still in flight is finished first. Either way the step appears only when
-    complete (Orbax renames it).
+    complete (Orbax renames it). A failed write raises RunError.
     """
     finish_save(manager)  # a failure of the previous write is reported as its own step
     meta = {"config": config_lib.to_dict(cfg), "tokenizer": json.loads(tokenizer.to_json()),
             "opt_step": opt_step, "val_loss": val_loss, "data": data}
-    train = {"rng": state["rng"]}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
-        train=ocp.args.StandardSave(train),
+        train=ocp.args.StandardSave({"rng": state["rng"]}),
         meta=ocp.args.JsonSave(meta))
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-
-    def write():
+    with _as_run_error(manager, opt_step):
+        if opt_step in manager.all_steps():
+            manager.delete(opt_step)
         if not wait:
-            _BACKGROUND.start(manager, opt_step)  # before the writer thread can fail
+            _writing[manager] = opt_step
         manager.save(opt_step, args=args, metrics=metrics, force=True)
         if wait:
             manager.wait_until_finished()
 
-    _reporting_write_errors(manager, opt_step, write)
+
+# The step each manager is writing in the background (save(..., wait=False)).
+_writing: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
 
 
 def finish_save(manager: ocp.CheckpointManager) -> None:
     """Waits for the manager's background write (save(..., wait=False)), if one is in
-    flight; a failed write is reported as for a synchronous save."""
-    opt_step = _BACKGROUND.writing.get(id(manager))
-    if opt_step is None:
-        return
-    try:
-        _reporting_write_errors(manager, opt_step, manager.wait_until_finished)
-    finally:
-        _BACKGROUND.stop(manager)
+    flight; a failed write raises RunError, as for a synchronous save."""
+    opt_step = _writing.pop(manager, None)
+    if opt_step is not None:
+        with _as_run_error(manager, opt_step):
+            manager.wait_until_finished()
 
 
 def close(manager: ocp.CheckpointManager, quiet: bool = False) -> None:
-    """Closes the manager (waiting for a write in flight). quiet=True, for a run that is
-    already ending with an error: a failed background write is not reported over it."""
+    """Waits for a write in flight and closes the manager. quiet=True, for a run that
+    is already ending with an error: a failed write is not raised over it."""
+    failed = None
     try:
-        with _held_stderr():
-            manager.close()
-    except Exception:  # noqa: BLE001
-        if not quiet:
+        finish_save(manager)
+    except RunError as e:
+        failed = e
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001 (Orbax raises the failed write once more)
+        if failed is None and not quiet:
             raise
-        _silence_failed_writes()
-    finally:
-        _BACKGROUND.stop(manager)
+    if failed is not None and not quiet:
+        raise failed
 
 
-def _reporting_write_errors(manager: ocp.CheckpointManager, opt_step: int, write) -> None:
-    """Runs write() with Orbax's and TensorStore's output held back; an I/O failure
-    becomes one RunError, what the writers printed otherwise goes to stderr."""
-    reason = None
-    with _held_stderr() as held:
-        try:
-            write()
-        except (OSError, ValueError) as e:  # disk full, I/O error: the step stays a tmp dir
-            reason = io_failure(e)
-            if reason is None:
-                raise
-            # Before stderr is released: the writer threads go on failing after this.
-            _silence_failed_writes()
-    if reason is not None:
+@contextlib.contextmanager
+def _as_run_error(manager: ocp.CheckpointManager, opt_step: int):
+    """An I/O failure of the write of opt_step becomes one RunError (the step stays a
+    temporary directory, which Orbax ignores and cleans up); other errors pass."""
+    try:
+        yield
+    except (OSError, ValueError) as e:  # disk full, I/O error
+        reason = io_failure(e)
+        if reason is None:
+            raise
         raise RunError(f"could not write checkpoint step {opt_step} in {manager.directory}: "
-                       f"{reason}; earlier checkpoints are intact")
-    sys.stderr.write(held.getvalue())
-
-
-class _BackgroundWrites(logging.Filter):
-    """While a checkpoint is written in the background, Orbax's writer thread logs its
-    failure (with a traceback) through absl as it happens, and TensorStore's callbacks
-    raise "Event loop is closed" afterwards: both are dropped, because finish_save
-    reports the failure in one line when the loop next waits for the write. Held while
-    any manager (a sweep has one per run) has a write in flight."""
-
-    def __init__(self):
-        super().__init__()
-        self.writing = {}  # id() of a manager with a write in flight -> its step
-        self.previous_hook = None
-
-    def filter(self, record) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
-
-    def _unraisable(self, unraisable) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and "Event loop is closed" in str(unraisable.exc_value)):
-            self.previous_hook(unraisable)
-
-    def start(self, manager, opt_step: int) -> None:
-        if not self.writing:
-            logging.getLogger("absl").addFilter(self)
-            self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
-        self.writing[id(manager)] = opt_step
-
-    def stop(self, manager) -> None:
-        if self.writing.pop(id(manager), None) is None:
-            return
-        if not self.writing:
-            logging.getLogger("absl").removeFilter(self)
-            if sys.unraisablehook == self._unraisable:
-                sys.unraisablehook = self.previous_hook
-
-
-_BACKGROUND = _BackgroundWrites()
+                       f"{reason}; earlier checkpoints are intact") from e
 
 
 def io_failure(error: Exception) -> str | None:
     """The OS's reason for a failed write, or None if `error` is not one.
 
     TensorStore, which writes the arrays, reports a failed write as a ValueError
-    ending in "[os_error_code='28']"; plain Python writes raise OSError.
+    whose text ends in "[os_error_code=28]" (it has no typed error or errno
+    attribute; tests/test_checkpoint.py checks the text on a real failed write);
+    plain Python writes raise OSError.
     """
     os_error = re.search(r"\[os_error_code='?(\d+)'?\]", str(error))
     if os_error:
@@ -180,48 +139,6 @@ def io_failure(error: Exception) -> str | None:
     if isinstance(error, OSError):
         return error.strerror or str(error)
     return None
-
-
-@contextlib.contextmanager
-def _held_stderr():
-    """Holds back what Orbax's and TensorStore's threads print during a save: after a
-    failed write each of them prints its own traceback, and the caller reports the
-    failure in one line instead. The logs of the absl logger are held too (and stay
-    off after a failed write: see _silence_failed_writes)."""
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.CRITICAL)
-    held = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(held):
-            yield held
-    finally:
-        if not _writes_failed:
-            absl_logger.setLevel(level)
-
-
-_writes_failed = False  # set for the rest of the process by _silence_failed_writes
-
-
-def _silence_failed_writes() -> None:
-    """After a failed write, the process is about to end with one line: the writers'
-    leftovers must not print after it. Orbax's threads log their failure late through
-    absl (kept off); TensorStore's callbacks raise "Event loop is closed" as unraisable
-    exceptions; asyncio reports "exception was never retrieved" and "coroutine was never
-    awaited" when the leftovers are collected, often at exit."""
-    global _writes_failed
-    _writes_failed = True
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-    previous = sys.unraisablehook
-
-    def drop_closed_loop(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and "Event loop is closed" in str(unraisable.exc_value)):
-            previous(unraisable)
-
-    sys.unraisablehook = drop_closed_loop
 
 
 def existing_steps(run_dir) -> list[int]:
@@ -279,19 +196,25 @@ def set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> No
     manager.reload()
 
 
-def restore_newest(manager: ocp.CheckpointManager, abstract_state):
-    """The newest checkpoint whose meta and state both read, restored into
-    abstract_state's shardings; unreadable ones are set aside on the way."""
-    def read(step):
-        read_meta(manager, step)  # without it, sample.py cannot use the checkpoint
-        return restore_state(manager, step, abstract_state)
-
-    step, state = newest_readable(manager, read, on_unreadable=functools.partial(set_aside,
-                                                                                 manager))
-    if step is None:
-        raise UserError(f"no checkpoint in {manager.directory} is readable: "
-                        f"move the directory away to start over")
-    return state
+def restore_common(managers: list[ocp.CheckpointManager], abstract_state):
+    """(step, [state per manager]) at the newest step where every manager has a readable
+    checkpoint (meta and state), restored into abstract_state's shardings; (None, None)
+    if there is no such step. An unreadable checkpoint met on the way is set aside, and
+    the next older common step is tried."""
+    while True:
+        common = set.intersection(*(set(m.all_steps()) for m in managers))
+        if not common:
+            return None, None
+        step, states = max(common), []
+        for manager in managers:
+            try:
+                read_meta(manager, step)  # without it, sample.py cannot use the checkpoint
+                states.append(restore_state(manager, step, abstract_state))
+            except Exception as e:  # noqa: BLE001 (truncated or corrupted files, missing items)
+                set_aside(manager, step, e)
+                break
+        else:
+            return step, states
 
 
 def best_checkpoint(manager: ocp.CheckpointManager) -> tuple[float, int] | None:
@@ -326,7 +249,11 @@ def _resolve(path: str) -> tuple[pathlib.Path, int | None]:
 def load_for_inference(path: str, step: int | None = None, best: bool = False):
     """-> (params, Config, CharTokenizer, step) from a run dir or one step's dir."""
     run_dir, path_step = _resolve(path)
-    manager = make_manager(run_dir, read_only=True)
+    with make_manager(run_dir, read_only=True) as manager:  # closed however this ends
+        return _load(manager, run_dir, path, path_step, step, best)
+
+
+def _load(manager, run_dir, path: str, path_step: int | None, step: int | None, best: bool):
     steps = manager.all_steps()
     if not steps:
         raise UserError(f"{path} holds no complete checkpoint")

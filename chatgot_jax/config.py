@@ -122,6 +122,15 @@ class Config:
     mesh: MeshConfig = MeshConfig()
 
 
+# Fields that steer only bookkeeping, or that change the numbers no more than the order
+# of float reductions does (remat recomputes; the mesh splits the same sums; the
+# attention implementation computes the same softmax, though on a GPU cudnn has no
+# attention-weight dropout): a run resumes with other values of these. Every other
+# field changes the training.
+BOOKKEEPING = {"train.max_steps", "train.eval_every", "train.eval_windows", "train.sample_tokens",
+               "train.save_every", "train.keep", "train.log_every", "model.remat",
+               "model.attention", "mesh.data", "mesh.fsdp"}
+
 # Fields that fix the parameters' shapes: a run resumes only if these match.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_head", "d_hid", "max_seq_length",
                 "memory", "memory_length", "head_bias", "position")

@@ -61,14 +61,14 @@ def from_torch(state_dict_path, out, tokenizer_path, layout=None, overrides=(),
     run_dir_lib.create(run_dir, lock)
     try:
         source = pathlib.Path(state_dict_path).resolve()
-        run_dir_lib.write_start(run_dir, cfg, tokenizer, run_dir_lib.Existing(),
+        run_dir_lib.write_start(run_dir, cfg, tokenizer, run_dir_lib.Existing(), 0,
                                 run_dir_lib.provenance({"source": f"converted from {source}"},
                                                        jax.devices()[:1]))
         record = {"layout": layout, "container": container, "source": str(source),
                   "pe_length": tw.pe_length_of(state_dict, layout)}
         (run_dir / CONVERTED).write_text(json.dumps(record, indent=1) + "\n")
-        checkpoint.save(checkpoint.make_manager(run_dir, keep=cfg.train.keep), state, cfg,
-                        tokenizer, opt_step=0)
+        with checkpoint.make_manager(run_dir, keep=cfg.train.keep) as manager:
+            checkpoint.save(manager, state, cfg, tokenizer, opt_step=0)
     finally:
         lock.release()
     print(f"wrote {run_dir} (step 0, {layout} layout): {cfg.model}")
@@ -151,7 +151,6 @@ def run(args) -> None:
     except ImportError:
         raise UserError("PyTorch is not installed: pip install -r requirements-torch.txt") \
             from None
-    cli.quiet_orbax()
     if args.from_torch:
         if args.tokenizer is None or args.checkpoint is not None:
             raise UserError("--from-torch needs --tokenizer TOKENIZER and no --checkpoint")
@@ -168,4 +167,4 @@ def run(args) -> None:
 main = cli.entry_point(build_parser, run)
 
 if __name__ == "__main__":
-    main()
+    main(until_exit=True)

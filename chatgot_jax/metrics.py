@@ -1,20 +1,19 @@
 """What a run logs: the train step's metrics buffered on device, and the run's log files.
 
-    MetricsBuffer  device metrics -> one host sync per log interval; stops a diverged run
+    MetricsBuffer  device metrics -> one host sync per log interval; which runs diverged
     Logger         RUN_DIR/metrics.jsonl and TensorBoard event files (process 0)
 """
 
 import json
 import math
 import pathlib
-import threading
 import time
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatgot_jax.errors import Diverged, RunError
+from chatgot_jax.errors import RunError
 
 
 class Logger:
@@ -23,20 +22,20 @@ class Logger:
     Prints go through tqdm so the bar stays intact. TensorBoard gets the fields
     named in TAGS as scalars at the record's step (train/loss, val/bpc, ...) and
     the samples as text; on resume, events after the resumed step are purged so
-    the curves do not double back.
+    the curves do not double back. TensorBoard's events are written by a thread
+    of tensorboardX's; when it has died (an I/O error), the next write() or
+    close() raises one RunError.
     """
 
     TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
             "grad_norm": "train/grad_norm", "val_loss": "val/loss", "val_bpc": "val/bpc"}
 
     def __init__(self, run_dir: pathlib.Path, enabled: bool, start_step: int = 0,
-                 hparams: dict | None = None):
+                 hparams: dict | None = None, prefix: str = ""):
         self.enabled = enabled
+        self.prefix = prefix  # printed before each line, e.g. a sweep run's name
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
-        self.thread_error = None  # an OSError that killed a writer thread (TensorBoard's)
-        self._previous_hook = threading.excepthook
-        threading.excepthook = self._thread_failed
         if enabled:
             try:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415 (import cost)
@@ -56,19 +55,17 @@ class Logger:
         for summary in hparams(values, {"val/loss": 0.0, "val/bpc": 0.0}):
             self.tb.file_writer.add_summary(summary)
 
-    def _thread_failed(self, args) -> None:
-        """A writer thread that dies of an I/O error is reported by the next write(), in
-        one line; anything else goes to the usual hook."""
-        if isinstance(args.exc_value, OSError) and self.thread_error is None:
-            self.thread_error = args.exc_value
-        elif not isinstance(args.exc_value, OSError):
-            self._previous_hook(args)
+    def _check_events_writer(self) -> None:
+        """RunError once tensorboardX's writer thread has died: adding events then would
+        fill its queue and block."""
+        if self.tb is not None and not tensorboard_writer_alive(self.tb):
+            self.tb = None  # nothing more goes to it, closing it included
+            raise RunError(f"cannot write the TensorBoard events in {self.path.parent}: "
+                           f"their writer thread stopped (an I/O error); the last checkpoint "
+                           f"is intact")
 
     def write(self, record: dict) -> None:
-        if self.thread_error is not None:
-            reason = self.thread_error.strerror or self.thread_error
-            raise RunError(f"cannot write the TensorBoard events in {self.path.parent}: "
-                           f"{reason}; the last checkpoint is intact")
+        self._check_events_writer()
         if not self.enabled:
             return
         try:
@@ -89,15 +86,32 @@ class Logger:
 
     def print(self, text: str) -> None:
         if self.enabled:
-            tqdm.write(text)
+            tqdm.write(self.prefix + text)
 
-    def close(self) -> None:
-        threading.excepthook = self._previous_hook
-        if self.tb is not None:
-            try:
-                self.tb.close()
-            except OSError:  # already reported, or the run ends with its own error
-                pass
+    def close(self, quiet: bool = False) -> None:
+        """Flushes and closes the events; quiet=True (a run already ending with an error)
+        drops a failure of their writer instead of raising it."""
+        try:
+            self._check_events_writer()
+            if self.tb is not None:
+                try:
+                    self.tb.close()
+                except OSError as e:
+                    raise RunError(f"cannot write the TensorBoard events in "
+                                   f"{self.path.parent}: {e.strerror}") from None
+        except RunError:
+            if not quiet:
+                raise
+        finally:
+            self.tb = None
+
+
+def tensorboard_writer_alive(writer) -> bool:
+    """Whether tensorboardX's event writer thread still runs. The thread is an attribute
+    of tensorboardX 2.6's EventFileWriter; where that layout differs, it is assumed alive."""
+    file_writer = getattr(writer, "file_writer", None)
+    worker = getattr(getattr(file_writer, "event_writer", None), "_worker", None)
+    return worker is None or worker.is_alive()
 
 
 class MetricsBuffer:
@@ -109,18 +123,18 @@ class MetricsBuffer:
     but the interval it just closed, so the host never waits for the device's
     newest steps (the loop uses it at plain log intervals and a full flush before
     it evaluates or saves, so no non-finite state is ever evaluated or saved).
-    Either returns one record per fetched interval: mean loss and gradient norm,
-    the last lr, the step of its last update ("step"), and tokens/s over the
-    interval's host time (the run's first step and restart_clock() pauses left
-    out). A non-finite loss or gradient norm raises Diverged; with
-    stop_on_divergence=False (a sweep's group, whose metrics carry a run axis)
-    the record's values are per-run arrays and "finite" says which runs stayed
-    finite.
+
+    Either returns one record per fetched interval, oldest first, for R runs (the
+    step's metrics are scalars for one run, (R,) arrays for a group): per run the
+    mean loss and gradient norm and the last lr ((R,) arrays), the step of the
+    interval's last update ("step"), tokens/s of one run over the interval's host
+    time (the run's first step and restart_clock() pauses left out), "finite"
+    ((R,) bools: no non-finite loss or gradient norm in the interval) and
+    "problems" ({run index: "the loss became nan at step N"} for the others).
     """
 
-    def __init__(self, tokens_per_micro: int, stop_on_divergence: bool = True):
+    def __init__(self, tokens_per_micro: int):
         self.tokens_per_micro = tokens_per_micro
-        self.stop_on_divergence = stop_on_divergence
         self.pending = []  # the open interval's metrics
         self.closed = []  # closed intervals, not fetched yet: (metrics, timed, seconds)
         self.t_last = time.time()
@@ -151,38 +165,37 @@ class MetricsBuffer:
             self.pending, self.t_last, self.untimed = [], now, 0
 
     def flush(self, lagged: bool = False) -> list[dict]:
-        """Closes the open interval -> one record per fetched interval, oldest first.
-        Diverged carries the records of the intervals before the bad one (.records)."""
+        """Closes the open interval -> one record per fetched interval, oldest first."""
         self._close()
         take = self.closed[:-1] if lagged else self.closed
         self.closed = self.closed[len(take):]
         if not take:
             return []
         fetched = jax.device_get([metrics for metrics, _, _ in take])
-        records = []
-        for metrics, (_, timed, seconds) in zip(fetched, take):
-            try:
-                records.append(self._record(metrics, timed, seconds))
-            except Diverged as e:
-                e.records = records  # the intervals before it, still worth logging
-                raise
-        return records
+        return [self._record(metrics, timed, seconds)
+                for metrics, (_, timed, seconds) in zip(fetched, take)]
 
     def _record(self, fetched: list, timed: int, seconds: float) -> dict:
-        loss = np.stack([m["loss"] for m in fetched])  # (steps,) or (steps, runs)
-        grad_norm = np.stack([m["grad_norm"] for m in fetched])
+        def per_run(name):  # (micro-steps, runs)
+            return np.stack([np.reshape(m[name], -1) for m in fetched])
+
+        loss, grad_norm, opt_step = per_run("loss"), per_run("grad_norm"), per_run("opt_step")
         finite = np.isfinite(loss) & np.isfinite(grad_norm)
-        if self.stop_on_divergence and not finite.all():
+        problems = {}
+        for k in np.flatnonzero(~finite.all(0)):
             # The loss of step N is computed before update N: a non-finite gradient
             # with a finite loss has already made the state non-finite.
-            i = int(np.argmin(finite))
-            what = (f"the loss became {loss[i]}" if not np.isfinite(loss[i])
-                    else f"the gradient norm became {grad_norm[i]}")
-            raise Diverged(f"{what} at step {int(fetched[i]['opt_step'])}")
+            i = int(np.argmin(finite[:, k]))
+            what = (f"the loss became {loss[i, k]}" if not np.isfinite(loss[i, k])
+                    else f"the gradient norm became {grad_norm[i, k]}")
+            problems[int(k)] = f"{what} at step {int(opt_step[i, k])}"
         tok_s = timed * self.tokens_per_micro / seconds if timed else float("nan")
-        record = {"loss": loss.mean(0), "lr": np.asarray(fetched[-1]["lr"]),
-                  "tokens_per_s": tok_s, "grad_norm": grad_norm.mean(0)}
-        step = int(np.max(fetched[-1]["opt_step"]))
-        if loss.ndim == 1:
-            return {"step": step, **{k: float(v) for k, v in record.items()}}
-        return {"step": step, **record, "finite": finite.all(0)}
+        return {"step": int(opt_step[-1].max()), "loss": column_means(loss),
+                "lr": per_run("lr")[-1], "grad_norm": column_means(grad_norm),
+                "tokens_per_s": tok_s, "finite": finite.all(0), "problems": problems}
+
+
+def column_means(x_NxR: np.ndarray) -> np.ndarray:
+    """(R,) means of the columns, each summed as a contiguous 1-D array (the float order
+    of a single run's own mean)."""
+    return np.array([np.ascontiguousarray(x_NxR[:, k]).mean() for k in range(x_NxR.shape[1])])

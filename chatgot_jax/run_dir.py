@@ -33,15 +33,6 @@ from chatgot_jax import config as config_lib
 from chatgot_jax.data import CharTokenizer
 from chatgot_jax.errors import InvalidArgument, UserError
 
-# Fields that steer only bookkeeping, or that change the numbers no more than the order
-# of float reductions does (remat recomputes; the mesh splits the same sums; the
-# attention implementation computes the same softmax, though on a GPU cudnn has no
-# attention-weight dropout): a run resumes with other values of these. Every other
-# field changes the training.
-BOOKKEEPING = {"train.max_steps", "train.eval_every", "train.eval_windows", "train.sample_tokens",
-               "train.save_every", "train.keep", "train.log_every", "model.remat",
-               "model.attention", "mesh.data",
-               "mesh.fsdp"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
@@ -133,10 +124,10 @@ def config_changes(old: config_lib.Config, new: config_lib.Config) -> dict:
 
 def training_changes(existing: Existing, cfg: config_lib.Config, data: dict) -> list[str]:
     """'field old -> new' for each difference that changes the training: a config field
-    outside BOOKKEEPING, or the corpus content."""
+    outside config.BOOKKEEPING, or the corpus content."""
     changes = [f"{k} {old} -> {new}" for k, (old, new) in config_changes(existing.config,
                                                                           cfg).items()
-               if k not in BOOKKEEPING]
+               if k not in config_lib.BOOKKEEPING]
     if existing.data is not None and existing.data["sha256"] != data["sha256"]:
         changes.append(f"data {existing.data['source']} (sha256 {existing.data['sha256'][:12]}) "
                        f"-> {data['source']} (sha256 {data['sha256'][:12]})")
@@ -199,10 +190,10 @@ def now() -> str:
 
 
 def write_start(run_dir: pathlib.Path, cfg: config_lib.Config, tokenizer: CharTokenizer,
-                existing: Existing, provenance: dict) -> None:
+                existing: Existing, step: int, provenance: dict) -> None:
     """What every start writes: config.json, tokenizer.json, a config-history line for a
-    new run or a changed config, and a provenance line. OSError -> UserError."""
-    step = existing.step or 0
+    new run or a changed config, and a provenance line, both at `step`, the step
+    training starts from. OSError -> UserError."""
     changes = {} if existing.config is None else config_changes(existing.config, cfg)
     try:
         if existing.config is None or changes:

@@ -7,22 +7,26 @@ The sweep is the cross product of the grid's axes and the seeds. Runs whose
 configs differ only in per-run values (PER_RUN: lr and schedule, weight decay,
 betas, clipping, dropout rate, seeds) form a group: their train states are
 stacked on a leading run axis and one jitted train step is vmapped over it,
-each run with its own hyper-parameters, batches and dropout keys. Axes that
-change shapes or the loop (model size, batch, context, accumulation, steps)
-split the sweep into groups trained one after another. --sequential trains
-each run on its own with train.py's code path.
+each run with its own hyper-parameters, batches and dropout keys (the trainer's
+one loop, chatgot_jax.trainer.train_runs). Axes that change shapes or the loop
+(model size, batch, context, accumulation, steps) split the sweep into groups
+trained one after another. --sequential trains each run on its own, as
+train.py does. Seeds come from --seeds only: train.seed in --grid or in the
+overrides is refused (the other seed fields, init/data/dropout_seed, may be
+axes).
 
 Every run gets a normal run directory OUT/NAME (config, metrics.jsonl,
 TensorBoard events, checkpoints, provenance); OUT/sweep.json holds the sweep's
 definition, and the reports are OUT/summary.json, OUT/summary.md and
 OUT/curves.png (chatgot_jax.sweep_report). The same command resumes a killed
-sweep; another definition in the same OUT is refused.
+sweep, and with a higher --max-steps (or other bookkeeping: config.BOOKKEEPING)
+trains a finished one further, as train.py does; another definition in the
+same OUT is refused.
 """
 
 import dataclasses
 import json
 import pathlib
-import sys
 import time
 
 from chatgot_jax import cli
@@ -52,6 +56,10 @@ def plan(variant, config_file, overrides, grid: str, seeds) -> list[Point]:
         raise UserError("--seeds needs at least one seed")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds has a duplicate: {' '.join(map(str, seeds))}")
+    for given, where in ((points[0], "--grid"), (overrides, "the overrides")):
+        if any(o.partition("=")[0] == "train.seed" for o in given):
+            raise UserError(f"{where} cannot set train.seed: give the seeds with --seeds "
+                            f"(each grid point runs once per seed)")
     out = []
     for point in points:
         for seed in seeds:
@@ -83,6 +91,14 @@ def definition(args, overrides: list[str]) -> dict:
             "overrides": overrides, "grid": args.grid.split(), "seeds": args.seeds}
 
 
+def training_part(definition: dict) -> dict:
+    """The definition without its bookkeeping overrides (config.BOOKKEEPING: max_steps,
+    eval_every, ...), which a resumed sweep may change as a resumed run may."""
+    overrides = [o for o in definition.get("overrides", [])
+                 if o.partition("=")[0] not in config_lib.BOOKKEEPING]
+    return {**definition, "overrides": overrides}
+
+
 def check_definition(out: pathlib.Path, wanted: dict) -> None:
     """Refuses an OUT that holds another sweep (or that is not a sweep directory)."""
     path = out / "sweep.json"
@@ -90,7 +106,11 @@ def check_definition(out: pathlib.Path, wanted: dict) -> None:
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"{out} is not empty and holds no sweep.json: use another --out")
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        saved = training_part(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}): use another --out") from None
+    wanted = training_part(wanted)
     diff = [f"{k} {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v]
     if diff:
         raise UserError(f"{out} holds another sweep ({'; '.join(diff)}): use another --out, "
@@ -107,7 +127,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--grid", required=True,
                    help='axes of the sweep, e.g. "train.lr=1e-3,3e-3 model.dropout=0,0.1"')
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
-                   help="train.seed values: each grid point runs once per seed (default 0)")
+                   help="train.seed values: each grid point runs once per seed (default 0); "
+                        "the only way to set train.seed in a sweep")
     p.add_argument("--sequential", action="store_true",
                    help="train each run on its own, with train.py's code path")
     return p
@@ -122,7 +143,6 @@ def run(args) -> list[dict]:
     from chatgot_jax import run_dir as run_dir_lib  # noqa: PLC0415 (--help stays instant)
     from chatgot_jax import sweep_report  # noqa: PLC0415
 
-    cli.quiet_orbax()
     run_dir_lib.check_path(out)
     wanted = definition(args, overrides)
     check_definition(out, wanted)
@@ -146,28 +166,19 @@ def run(args) -> list[dict]:
 
 
 def train_all(points, data_path, out: pathlib.Path, sequential: bool, command) -> bool:
-    """Trains every run; False if Ctrl-C stopped the sweep (it saved; the same command
-    resumes)."""
+    """Trains every run, group by group (each run alone with `sequential`); False if
+    Ctrl-C stopped the sweep (it saved; the same command resumes)."""
     from chatgot_jax import trainer  # noqa: PLC0415
-    from chatgot_jax.vmap_trainer import train_group  # noqa: PLC0415
 
-    if sequential:
-        for i, p in enumerate(points, 1):
-            print(f"[{i}/{len(points)}] {p.name}", file=sys.stderr)
-            if trainer.train_and_evaluate(p.cfg, data_path, out / p.name,
-                                          command=command)["interrupted"]:
-                return False
-        return True
-    groups = groups_of(points)
-    total = sum(len(g) * g[0].cfg.train.max_steps for g in groups)
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    with tqdm(total=total, unit="run-step", dynamic_ncols=True) as bar:
-        for i, g in enumerate(groups, 1):
-            bar.write(f"group {i}/{len(groups)}: {len(g)} runs trained together "
-                      f"({', '.join(p.name for p in g)})")
-            if not train_group(g, data_path, out, bar, command):
-                return False
+    groups = [[p] for p in points] if sequential else groups_of(points)
+    for i, g in enumerate(groups, 1):
+        print(f"group {i}/{len(groups)}: {len(g)} run{'s' * (len(g) > 1)}"
+              f"{' trained together' * (len(g) > 1)} ({', '.join(p.name for p in g)})",
+              flush=True)
+        summaries = trainer.train_runs([(p.name, p.cfg, out / p.name) for p in g], data_path,
+                                       command=command)
+        if any(s["interrupted"] for s in summaries):
+            return False
     return True
 
 
@@ -177,4 +188,4 @@ if __name__ == "__main__":
     from chatgot_jax.cpu_tuning import prepare_process
 
     prepare_process()
-    main()
+    main(until_exit=True)

@@ -8,8 +8,8 @@ Dropout keys are fold_in(rng, micro-step), so every micro-step's randomness is
 a function of (seed, micro-step) and resume is exact.
 
 The train step is train_step(state, h, x, y) with h the optimizer's
-hyper-parameters as arrays (optim.hyperparams): jitted as it is by
-make_train_step for one run, vmapped over runs by the sweep.
+hyper-parameters as arrays (optim.hyperparams): jitted as it is for one run,
+vmapped over a leading run axis for a group of runs that share shapes (Program).
 """
 
 import jax
@@ -119,6 +119,13 @@ def micro_step(opt_state, grad_accum: int):
 
 def abstract_state(cfg: Config):
     return jax.eval_shape(lambda: init_state(cfg))
+
+
+def sharded_abstract_state(cfg: Config, mesh: Mesh):
+    """abstract_state with each leaf's sharding: what a checkpoint is restored into."""
+    abstract = abstract_state(cfg)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, state_shardings(mesh, abstract))
 
 
 def create_sharded_state(cfg: Config, mesh: Mesh):
@@ -266,3 +273,54 @@ def process_rows(global_batch: int) -> range:
     per = global_batch // jax.process_count()
     start = jax.process_index() * per
     return range(start, start + per)
+
+
+class Program:
+    """The jitted train and eval steps of R >= 1 runs whose configs share shapes.
+
+    One run: its state as it is, make_resident_train_step and make_eval_step, with
+    scalar metrics. R runs: their states stacked on a leading run axis (replicated:
+    every device holds every run, and each run's batch is split over the mesh as
+    for one run) and the same steps vmapped over it, each run with its own
+    hyper-parameters (h, each leaf (R,)), batch starts and dropout keys; metrics
+    and evaluation losses are (R,).
+    """
+
+    def __init__(self, cfgs: list[Config], mesh: Mesh):
+        cfg, self.runs = cfgs[0], len(cfgs)
+        run_shardings = state_shardings(mesh, abstract_state(cfg))
+        if self.runs == 1:
+            self.shardings = run_shardings
+            self.train_step = make_resident_train_step(cfg, mesh, self.shardings)
+            self.eval_step = make_eval_step(cfg, mesh, self.shardings)
+            self.hyper = train_hyperparams(cfg, mesh)
+            return
+        replicated = NamedSharding(mesh, P())
+        self.shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)),
+                                      run_shardings)
+        self.train_step = jax.jit(
+            jax.vmap(resident_step_fn(cfg, mesh), in_axes=(0, 0, None, 0, None)),
+            in_shardings=(self.shardings, replicated, replicated,
+                          NamedSharding(mesh, P(None, None, BATCH_AXES)), replicated),
+            out_shardings=(self.shardings, replicated), donate_argnums=0)
+        batch = batch_sharding(mesh)
+        self.eval_step = jax.jit(
+            jax.vmap(lambda p, x, y: loss_fn(p, cfg, x, y), in_axes=(0, None, None)),
+            in_shardings=(self.shardings["params"], batch, batch), out_shardings=replicated)
+        per_run = [hyperparams(c.train) for c in cfgs]
+        h = {k: jnp.stack([p[k] for p in per_run]) for k in per_run[0]}
+        rates = [c.model.dropout for c in cfgs]
+        if len(set(rates)) > 1:  # else the rate is compiled in, as for one run
+            h["dropout"] = jnp.asarray(rates, jnp.float32)
+        self.hyper = jax.device_put(h, replicated)
+
+    def stack(self, states: list):
+        """The program's state from one state per run."""
+        if self.runs == 1:
+            return states[0]
+        return jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
+                       out_shardings=self.shardings)(*states)
+
+    def of_run(self, state, k: int):
+        """Run k's state (new arrays for a group: the train step donates none of them)."""
+        return state if self.runs == 1 else jax.tree.map(lambda a: a[k], state)

@@ -62,6 +62,28 @@ def corpus(tmp_path_factory):
     return write_script_corpus(tmp_path_factory.mktemp("corpus") / "scripts.txt")
 
 
+@pytest.fixture
+def open_managers(monkeypatch):
+    """{id: manager} of the Orbax checkpoint managers made and not yet closed during the
+    test: a command or library call must leave it as it found it."""
+    import orbax.checkpoint as ocp
+
+    opened = {}
+    real_init, real_close = ocp.CheckpointManager.__init__, ocp.CheckpointManager.close
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened[id(self)] = self
+
+    def close(self):
+        opened.pop(id(self), None)
+        real_close(self)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "__init__", init)
+    monkeypatch.setattr(ocp.CheckpointManager, "close", close)
+    return opened
+
+
 def tree_digest(path: pathlib.Path) -> str:
     """A hash of every file's relative path and bytes under path: equal = unchanged."""
     h = hashlib.sha256()

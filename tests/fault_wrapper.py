@@ -61,4 +61,4 @@ FAULTS = {"die-in-save": die_while_saving, "park": park_before, "fsize": limit_f
 
 if __name__ == "__main__":
     FAULTS[os.environ["FAULT_MODE"]](int(os.environ["FAULT_ARG"]))
-    train.main(sys.argv[1:])
+    train.main(sys.argv[1:], until_exit=True)  # as train.py's __main__ does

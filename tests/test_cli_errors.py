@@ -151,3 +151,17 @@ def test_cudnn_attention_without_a_gpu(tmp_path, capsys, corpus):
     line = run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "out"), *MICRO,
                                 "model.attention=cudnn"], capsys)
     assert "model.attention=cudnn needs a CUDA GPU" in line
+
+
+@pytest.mark.parametrize("name", ["CHATGOT_NUM_PROCESSES", "CHATGOT_PROCESS_ID"])
+def test_a_bad_environment_variable(monkeypatch, capsys, tmp_path, corpus, name):
+    """train.py reads its multi-process settings from the environment when it runs, not
+    when it builds its parser: --help still works, a run says what is wrong in one line."""
+    monkeypatch.setenv(name, "two")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0 and "--num-processes" in capsys.readouterr().out
+    out = tmp_path / "out"
+    line = run_cli(train.main, ["--data", str(corpus), "--out", str(out), *MICRO], capsys)
+    assert line == f"error: environment variable {name}='two' is not an integer"
+    assert not out.exists()

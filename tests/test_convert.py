@@ -150,12 +150,13 @@ def saved(tmp_path):
     return cfg, model, tmp_path
 
 
-def test_cli_from_torch_and_back(saved, capsys):
+def test_cli_from_torch_and_back(saved, capsys, open_managers):
     from chatgot_jax.checkpoint import load_for_inference
 
     cfg, model, tmp = saved
     convert.main(["--from-torch", str(tmp / "model.pt"), "--out", str(tmp / "run"),
                   "--tokenizer", str(tmp / "vocab.json"), "model.n_head=4"])
+    assert open_managers == {}  # the converter closed the manager it wrote with
     params, loaded_cfg, tokenizer, step = load_for_inference(str(tmp / "run"))
     assert step == 0 and tokenizer.vocab_size == 40
     assert dataclasses.replace(loaded_cfg.model, dropout=cfg.dropout) == cfg  # dropout: default
@@ -169,6 +170,7 @@ def test_cli_from_torch_and_back(saved, capsys):
     back = torch.load(tmp / "b.pt", weights_only=True)
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
     assert "wrote" in capsys.readouterr().out
+    assert open_managers == {}
 
 
 def test_cli_wrong_shape_names_the_tensor(saved, capsys):

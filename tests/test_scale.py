@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
 from chatgot_jax import data as data_lib
-from chatgot_jax import train_lib, trainer
+from chatgot_jax import train_lib
 from chatgot_jax.tools.params import planned_bytes_per_device, state_bytes_per_device
 from conftest import MICRO_OVERRIDES, ROOT
 
@@ -125,16 +125,19 @@ def test_fsdp_with_gradient_accumulation_matches_one_device(trained, dtype):
                                             ((2, 4), (1, 8))],
                          ids=["fsdp4-to-one", "one-to-fsdp4", "fsdp4-to-fsdp8"])
 def test_checkpoint_restores_into_another_mesh(trained, tmp_path, source, target):
-    """A checkpoint saved from one mesh resumes on another (trainer.initial_state, the
-    resume path): the same values, laid out as the target mesh shards them."""
+    """A checkpoint saved from one mesh resumes on another (checkpoint.restore_common into
+    train_lib.sharded_abstract_state, the resume path): the same values, laid out as the
+    target mesh shards them."""
     state = trained(*source)[2]
     tokenizer = data_lib.CharTokenizer.from_text("SANSA: the lone wolf dies")
     manager = ckpt.make_manager(tmp_path / "run")
     ckpt.save(manager, state, micro_cfg(*source), tokenizer, opt_step=5)
     cfg = micro_cfg(*target)
     mesh = train_lib.make_mesh(cfg.mesh)
-    restored, shardings = trainer.initial_state(cfg, mesh, manager, resuming=True)
+    step, [restored] = ckpt.restore_common([manager], train_lib.sharded_abstract_state(cfg, mesh))
     manager.close()
+    assert step == 5
+    shardings = train_lib.state_shardings(mesh, train_lib.abstract_state(cfg))
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
                  jax.device_get(state))

@@ -1,6 +1,8 @@
 """The sweep: vmapped groups equal runs trained alone, reports, groups, resume, bad grids."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +28,14 @@ def sweep_argv(corpus, out, *extra, grid=GRID):
     return ["--data", str(corpus), "--out", str(out), "--grid", grid, *ARGS, *extra]
 
 
-def logged(run_dir) -> tuple[dict, dict]:
-    """({step: train loss}, {step: val loss}) of a run's last start."""
+def logged(run_dir, last_start: bool = False) -> tuple[dict, dict]:
+    """({step: train loss}, {step: val loss}) of a run (the later start's value where two
+    logged a step), or of its last start only."""
     train, val = {}, {}
     for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        if "loss" in r:
+        if "first_step_s" in r and last_start:
+            train, val = {}, {}
+        elif "loss" in r:
             train[r["step"]] = r["loss"]
         elif "val_loss" in r:
             val[r["step"]] = r["val_loss"]
@@ -180,12 +185,69 @@ def test_another_definition_in_the_same_out_is_refused(vmapped, corpus, capsys):
     ("train.lr=-1", ["0"], "train.lr must be positive"),
     (" ", ["0"], "the grid is empty"),
     ("train.lr=1e-3", ["0", "1", "0"], "--seeds has a duplicate: 0 1 0"),
+    # the seeds come from --seeds only: a grid over train.seed would be overridden by them
+    ("train.seed=1,2,3", ["0"], "--grid cannot set train.seed: give the seeds with --seeds"),
+    ("train.lr=1e-3,2e-3 train.seed=4", ["0"], "--grid cannot set train.seed"),
 ])
 def test_bad_grids(tmp_path, corpus, capsys, grid, seeds, expected):
     out = tmp_path / "bad"
     line = run_sweep(sweep_argv(corpus, out, "--seeds", *seeds, grid=grid), capsys)
     assert expected in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("given", [["--seed", "5"], ["train.seed=5"]])
+def test_train_seed_in_the_overrides_is_refused(tmp_path, corpus, capsys, given):
+    line = run_sweep(sweep_argv(corpus, tmp_path / "bad", *given), capsys)
+    assert "the overrides cannot set train.seed: give the seeds with --seeds" in line
+    assert not (tmp_path / "bad").exists()
+
+
+def provenance_starts(run_dir) -> list[int]:
+    return [json.loads(line)["start_step"]
+            for line in (run_dir / "provenance.jsonl").read_text().splitlines()]
+
+
+# Orbax's reader threads report the failed read once more, as an unraisable exception
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_more_steps_resume_from_the_newest_common_readable_checkpoint(vmapped, tmp_path, corpus,
+                                                                      capsys):
+    """A finished sweep given a higher --max-steps trains further, as train.py does. One
+    run's newest checkpoint is corrupt: it is set aside, and the whole group resumes from
+    the step before (the others' checkpoints after it are trained again and replaced),
+    exactly as a group that had only that step; provenance says where each run resumed."""
+    corrupt, trimmed = tmp_path / "corrupt", tmp_path / "trimmed"
+    for copy in (corrupt, trimmed):
+        shutil.copytree(vmapped[0], copy)
+    for p in (corrupt / NAMES[1] / "checkpoints" / "6" / "params").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            os.truncate(p, p.stat().st_size // 2)
+    for name in NAMES:  # the reference: every run holds only step 3
+        shutil.rmtree(trimmed / name / "checkpoints" / "6")
+    capsys.readouterr()
+    more = ["--max-steps", "9"]
+    sweep.main(sweep_argv(corpus, corrupt, *more))
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"checkpoint step 6 in {(corrupt / NAMES[1]).resolve()}" \
+        in warnings[0], captured.err[-2000:]
+    assert "resuming at step 3" in captured.out
+    sweep.main(sweep_argv(corpus, trimmed, *more))
+    assert "train.max_steps=9" in json.loads((corrupt / "sweep.json").read_text())["overrides"]
+    for name in NAMES:
+        (got, got_val), (want, want_val) = logged(corrupt / name, last_start=True), logged(
+            trimmed / name, last_start=True)
+        assert sorted(got) == list(range(4, 10)) and got == want and got_val == want_val
+        assert ckpt.existing_steps(corrupt / name) == [3, 6, 9]
+        assert provenance_starts(corrupt / name) == [0, 3]
+        history = [json.loads(line) for line in
+                   (corrupt / name / "config-history.jsonl").read_text().splitlines()]
+        assert history[-1]["step"] == 3 and history[-1]["changes"] == {
+            "train.max_steps": [6, 9]}
+    assert [p.name[:2] for p in (corrupt / NAMES[1] / "corrupt-checkpoints").iterdir()] == \
+        ["6-"]
+    rows = json.loads((corrupt / "summary.json").read_text())
+    assert all(r["complete"] and r["steps"] == 9 for r in rows)
 
 
 def test_plot_groups_run_directories_by_config(vmapped, tmp_path, capsys):

@@ -1,5 +1,7 @@
-"""The training loop's named pieces, driven directly: MetricsBuffer, StopOnSigint, step_between_updates."""
+"""The training loop's named pieces, driven directly: MetricsBuffer, Logger, StopOnSigint,
+step_between_updates, sample_prompt."""
 
+import json
 import math
 import os
 import signal
@@ -9,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chatgot_jax import train_lib, trainer
-from chatgot_jax.errors import Diverged
+from chatgot_jax import runs, train_lib, trainer
 from chatgot_jax.metrics import MetricsBuffer
 from conftest import micro_config
 
@@ -27,8 +28,9 @@ def test_metrics_buffer_averages_and_times_all_but_the_first_step():
     assert first is not None and first >= 0  # the run's first step waits and is timed alone
     assert buffer.add(metrics(2.0, grad_norm=4.0, lr=5e-4)) is None
     [record] = buffer.flush()
-    assert record["loss"] == 3.0 and record["grad_norm"] == 3.0
-    assert math.isclose(record["lr"], 5e-4, rel_tol=1e-6)  # the last step's lr
+    assert record["loss"].tolist() == [3.0] and record["grad_norm"].tolist() == [3.0]
+    assert math.isclose(record["lr"][0], 5e-4, rel_tol=1e-6)  # the last step's lr
+    assert record["finite"].tolist() == [True] and record["problems"] == {}
     assert record["tokens_per_s"] > 0  # one timed step of 100 tokens
     assert buffer.flush() == []
     buffer.add(metrics(1.0))
@@ -43,12 +45,12 @@ def test_lagged_flush_fetches_all_but_the_newest_interval():
     assert buffer.flush(lagged=True) == []  # the only closed interval is the newest
     buffer.add(metrics(6.0, opt_step=3))
     [record] = buffer.flush(lagged=True)  # closes step 3's interval, fetches steps 1-2
-    assert record["step"] == 2 and record["loss"] == 3.0
+    assert record["step"] == 2 and record["loss"].tolist() == [3.0]
     assert record["tokens_per_s"] > 0  # step 2, over the host time of its interval
     buffer.add(metrics(8.0, opt_step=4))
     buffer.add(metrics(10.0, opt_step=5))
     # A full flush fetches the rest, one record per interval: step 3, then steps 4-5.
-    assert [(r["step"], r["loss"]) for r in buffer.flush()] == [(3, 6.0), (5, 9.0)]
+    assert [(r["step"], *r["loss"]) for r in buffer.flush()] == [(3, 6.0), (5, 9.0)]
     assert buffer.flush() == [] and buffer.flush(lagged=True) == []
 
 
@@ -58,24 +60,45 @@ def test_a_non_finite_step_in_the_newest_interval_waits_for_the_full_flush():
     buffer.add(metrics(float("nan"), opt_step=2))
     assert buffer.flush(lagged=True) == []  # not fetched yet, so not judged yet
     buffer.add(metrics(1.0, opt_step=3))
-    with pytest.raises(Diverged, match="the loss became nan at step 2"):
-        buffer.flush(lagged=True)  # one interval later
+    [record] = buffer.flush(lagged=True)  # one interval later
+    assert record["finite"].tolist() == [False]
+    assert record["problems"] == {0: "the loss became nan at step 2"}
     buffer.drop()
     buffer.add(metrics(float("nan"), opt_step=4))
-    with pytest.raises(Diverged, match="at step 4"):
-        buffer.flush()  # what the loop calls before it evaluates or saves
+    [record] = buffer.flush()  # what the loop calls before it evaluates or saves
+    assert record["problems"] == {0: "the loss became nan at step 4"}
 
 
 @pytest.mark.parametrize("loss, grad_norm, what", [
     (float("nan"), 1.0, "the loss became nan at step 7"),
     (1.0, float("inf"), "the gradient norm became inf at step 7"),
 ])
-def test_metrics_buffer_stops_on_a_non_finite_step(loss, grad_norm, what):
+def test_metrics_buffer_names_the_first_non_finite_step(loss, grad_norm, what):
     buffer = MetricsBuffer(tokens_per_micro=1)
     buffer.add(metrics(2.0, opt_step=6))
     buffer.add(metrics(loss, grad_norm=grad_norm, opt_step=7))
-    with pytest.raises(Diverged, match=what):
-        buffer.flush()
+    buffer.add(metrics(float("nan"), opt_step=8))
+    [record] = buffer.flush()
+    assert record["problems"] == {0: what} and record["finite"].tolist() == [False]
+
+
+def test_metrics_buffer_judges_each_run_of_a_group():
+    """A group's metrics carry a run axis: each run is averaged and judged on its own."""
+    def group(loss, grad_norm, step):
+        return {"loss": jnp.array(loss, jnp.float32), "grad_norm": jnp.array(grad_norm,
+                                                                              jnp.float32),
+                "lr": jnp.array([1e-3, 2e-3, 3e-3], jnp.float32),
+                "opt_step": jnp.full(3, step, jnp.int32)}
+
+    buffer = MetricsBuffer(tokens_per_micro=1)
+    buffer.add(group([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], 1))
+    buffer.add(group([3.0, float("inf"), 5.0], [1.0, 1.0, float("nan")], 2))
+    [record] = buffer.flush()
+    assert record["loss"][0] == 2.0 and record["loss"][2] == 4.0
+    assert record["finite"].tolist() == [True, False, False]
+    assert record["problems"] == {1: "the loss became inf at step 2",
+                                  2: "the gradient norm became nan at step 2"}
+    np.testing.assert_allclose(record["lr"], [1e-3, 2e-3, 3e-3])
 
 
 def test_stop_on_sigint_asks_once_then_interrupts():
@@ -113,33 +136,47 @@ def test_step_between_updates():
 
 
 def test_sample_prompt_finds_a_speaker():
-    assert trainer.sample_prompt("x\nsome prose\nHAMLET: To be\n") == "HAMLET: "
-    assert trainer.sample_prompt("no speakers here\nat all\n") == "no speakers here"
+    assert runs.sample_prompt("x\nsome prose\nHAMLET: To be\n") == "HAMLET: "
+    assert runs.sample_prompt("no speakers here\nat all\n") == "no speakers here"
 
 
-def test_logger_reports_a_dead_writer_thread_in_one_line(tmp_path):
-    """TensorBoard writes events from its own thread: an I/O error there ends the run
-    at the next log line with one RunError, not a thread's traceback."""
+def test_logger_reports_a_dead_events_writer_in_one_line(tmp_path, monkeypatch):
+    """TensorBoard's events are written by tensorboardX's own thread: when a write there
+    fails (here the file's write raises ENOSPC), the next log line raises one RunError,
+    and neither another thread's failure nor the logger touches threading.excepthook."""
+    import errno
     import threading
+
+    import tensorboardX.event_file_writer as efw
 
     from chatgot_jax.errors import RunError
     from chatgot_jax.metrics import Logger
 
+    hook = threading.excepthook
     log = Logger(tmp_path, enabled=True)
     try:
         log.write({"step": 1, "loss": 2.0})
+        other = threading.Thread(target=os.open, args=(tmp_path / "no" / "such", 0))  # OSError
+        monkeypatch.setattr(threading, "excepthook", lambda args: None)
+        other.start()
+        other.join()
+        monkeypatch.undo()
+        log.write({"step": 2, "loss": 1.5})  # not the events writer: nothing to report
 
-        def fail():
-            raise OSError(28, "No space left on device")
+        def full_disk(self, event):
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        thread = threading.Thread(target=fail)
-        thread.start()
-        thread.join()
-        with pytest.raises(RunError, match="TensorBoard events in .*: No space left on device"):
-            log.write({"step": 2, "loss": 1.0})
+        monkeypatch.setattr(efw.EventsWriter, "write_event", full_disk)
+        monkeypatch.setattr(threading, "excepthook", lambda args: None)  # its traceback
+        log.write({"step": 3, "loss": 1.0})  # queued; the writer thread dies of it
+        log.tb.file_writer.event_writer._worker.join(30)
+        with pytest.raises(RunError, match="cannot write the TensorBoard events in "):
+            log.write({"step": 4, "loss": 0.5})
     finally:
-        log.close()
-    assert threading.excepthook is not log._thread_failed
+        log.close(quiet=True)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    monkeypatch.undo()
+    assert threading.excepthook is hook
 
 
 def test_logger_without_tensorboardx_still_writes_metrics(tmp_path, monkeypatch, capsys):

@@ -36,11 +36,11 @@ def make_idle_train_step(cfg, mesh, shardings):
     return jax.jit(idle_step, out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def main(argv=None):
+def main(argv=None, until_exit: bool = False):
     real = train_lib.make_resident_train_step
     train_lib.make_resident_train_step = make_idle_train_step
     try:
-        return train.main(argv)
+        return train.main(argv, until_exit=until_exit)
     finally:
         train_lib.make_resident_train_step = real
 
@@ -49,4 +49,4 @@ if __name__ == "__main__":
     from chatgot_jax.cpu_tuning import prepare_process
 
     prepare_process()
-    main(sys.argv[1:])
+    main(sys.argv[1:], until_exit=True)
