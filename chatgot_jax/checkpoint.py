@@ -42,10 +42,12 @@ def make_manager(run_dir, keep: int = 3, read_only: bool = False,
     # a checkpoint's metrics to disk only when it is set: without them, a manager made
     # later (a resumed run) sees no val_loss on the earlier checkpoints, and BestN lets
     # the best of them be deleted at the next save.
+    # read_only: a manager that creates, cleans up and saves nothing. (Orbax's own
+    # read_only option logs warnings each time a manager is made with it.)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, best_fn=lambda m: m["val_loss"], best_mode="min",
-        create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_saves, cleanup_tmp_directories=not read_only)
+        create=not read_only, enable_async_checkpointing=async_saves,
+        cleanup_tmp_directories=not read_only)
     directory = pathlib.Path(run_dir).resolve() / CKPT_SUBDIR
     return ocp.CheckpointManager(directory, options=options)
 

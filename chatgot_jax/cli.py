@@ -89,6 +89,21 @@ def entry_point(build_parser, run):
     return main
 
 
+def command(main, tune_cpu: bool = True):
+    """The zero-argument function a command's own process runs (its console script and
+    its __main__): the CPU tuning of cpu_tuning.prepare_process (XLA flags, compilation
+    cache, allocator; it may re-execute the process), then main(until_exit=True)."""
+
+    def run_process():
+        if tune_cpu:
+            from chatgot_jax.cpu_tuning import prepare_process  # noqa: PLC0415
+
+            prepare_process()
+        main(until_exit=True)  # not returned: a console script exits with what it returns
+
+    return run_process
+
+
 class HeldOutput(logging.Handler):
     """Third-party output held in memory (the last MAX entries): log records (as a
     logging handler), unraisable exceptions and exceptions in threads (as their hooks)."""

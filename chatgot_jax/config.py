@@ -7,6 +7,7 @@ what differs from them. One convention everywhere: overrides are
 """
 
 import dataclasses
+import importlib.resources
 import itertools
 import pathlib
 import typing
@@ -16,7 +17,9 @@ import yaml
 
 from chatgot_jax.errors import UserError
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# The variants' YAML files: package data (an installed package needs no checkout), read
+# through importlib.resources; the repository's top-level configs/ links here.
+CONFIG_DIR = importlib.resources.files("chatgot_jax") / "configs"
 # Each list of allowed names, defined here once.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")  # model.py maps them
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -139,7 +142,8 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def variants() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in CONFIG_DIR.iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def _coerce(section: str, name: str, field_type: Any, value: Any) -> Any:

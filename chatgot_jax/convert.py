@@ -72,8 +72,8 @@ def from_torch(state_dict_path, out, tokenizer_path, layout=None, overrides=(),
     finally:
         lock.release()
     print(f"wrote {run_dir} (step 0, {layout} layout): {cfg.model}")
-    print(f"next: python sample.py --checkpoint {run_dir} --prompt ...; to train on: "
-          f"python train.py --out {run_dir} --resume --data CORPUS {model_overrides(cfg)}")
+    print(f"next: chatgot-sample --checkpoint {run_dir} --prompt ...; to train on: "
+          f"chatgot-train --out {run_dir} --resume --data CORPUS {model_overrides(cfg)}")
 
 
 def model_overrides(cfg) -> str:
@@ -165,6 +165,7 @@ def run(args) -> None:
 
 
 main = cli.entry_point(build_parser, run)
+command = cli.command(main, tune_cpu=False)  # the chatgot-convert console script and python -m
 
 if __name__ == "__main__":
-    main(until_exit=True)
+    command()

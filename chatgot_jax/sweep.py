@@ -183,9 +183,7 @@ def train_all(points, data_path, out: pathlib.Path, sequential: bool, command) -
 
 
 main = cli.entry_point(build_parser, run)
+command = cli.command(main)  # the chatgot-sweep console script and python -m
 
 if __name__ == "__main__":
-    from chatgot_jax.cpu_tuning import prepare_process
-
-    prepare_process()
-    main(until_exit=True)
+    command()

@@ -88,7 +88,7 @@ def write(out: pathlib.Path, points) -> list[dict]:
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows)
     (out / "summary.md").write_text(f"# Sweep {out}\n\n{text}")
-    from chatgot_jax.tools import plot  # noqa: PLC0415 (matplotlib)
+    from chatgot_jax import plot  # noqa: PLC0415 (matplotlib)
 
     groups: dict[str, list[pathlib.Path]] = {}
     for r in rows:

@@ -3,7 +3,6 @@
 import hashlib
 import os
 import pathlib
-import sys
 import tempfile
 
 # Compile time dominates the suite: LLVM's cheapest optimisation level, and a
@@ -16,8 +15,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "chatgot-jax-test-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 from chatgot_jax import cpu_tuning  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Runs train.py with one fault injected (used by test_faults.py as a subprocess).
 
-    python tests/fault_wrapper.py TRAIN_ARGS...   (from the repository root)
+    python tests/fault_wrapper.py TRAIN_ARGS...   (chatgot_jax installed, e.g. editable)
 
 FAULT_MODE=die-in-save FAULT_ARG=N: SIGKILL in the middle of writing checkpoint N
   (when Orbax's writer, in the background, starts writing the "meta" item's file into
@@ -18,12 +18,9 @@ import signal
 import sys
 import time
 
-sys.path.insert(0, os.getcwd())
+import orbax.checkpoint as ocp
 
-import orbax.checkpoint as ocp  # noqa: E402
-
-import train  # noqa: E402
-from chatgot_jax import train_lib  # noqa: E402
+from chatgot_jax import train_cli, train_lib
 
 
 def die_while_saving(step: int) -> None:
@@ -61,4 +58,4 @@ FAULTS = {"die-in-save": die_while_saving, "park": park_before, "fsize": limit_f
 
 if __name__ == "__main__":
     FAULTS[os.environ["FAULT_MODE"]](int(os.environ["FAULT_ARG"]))
-    train.main(sys.argv[1:], until_exit=True)  # as train.py's __main__ does
+    train_cli.main(sys.argv[1:], until_exit=True)  # as train.py's __main__ does

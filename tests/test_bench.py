@@ -7,7 +7,8 @@ import pytest
 
 from chatgot_jax import config as config_lib
 from chatgot_jax.errors import UserError
-from chatgot_jax.tools import bench, plot, report
+from chatgot_jax import plot
+from chatgot_jax.tools import bench, report
 
 MICRO = ["model.d_model=32", "model.n_layers=1", "model.n_head=4", "model.d_hid=64",
          "model.max_seq_length=16", "model.vocab_size=40", "train.batch_size=4", "mesh.data=1"]

@@ -2,11 +2,9 @@
 
 import pytest
 
-import sample
-import train
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
-from chatgot_jax import train_lib
+from chatgot_jax import sample_cli, train_cli, train_lib
 from chatgot_jax.data import CharTokenizer
 from conftest import MICRO_OVERRIDES, tree_digest
 
@@ -56,7 +54,7 @@ def test_train_bad_data(tmp_path, capsys, name):
         (data / "notes.md").write_text("not a .txt file")
     elif contents is not None:
         data.write_bytes(contents)
-    line = run_cli(train.main, ["--data", str(data), "--out", str(out), *MICRO], capsys)
+    line = run_cli(train_cli.main, ["--data", str(data), "--out", str(out), *MICRO], capsys)
     assert expected.lower() in line.lower()
     assert not out.exists()
 
@@ -77,7 +75,7 @@ def test_train_bad_config_file(tmp_path, capsys, corpus, name):
     if text is not None:
         path.write_text(text)
     out = tmp_path / "out"
-    line = run_cli(train.main, ["--data", str(corpus), "--config", str(path),
+    line = run_cli(train_cli.main, ["--data", str(corpus), "--config", str(path),
                                 "--out", str(out)], capsys)
     assert expected in line and not out.exists()
 
@@ -100,21 +98,21 @@ def test_train_bad_config_file(tmp_path, capsys, corpus, name):
 ])
 def test_train_bad_settings(tmp_path, capsys, corpus, args, expected):
     out = tmp_path / "out"
-    line = run_cli(train.main, ["--data", str(corpus), "--out", str(out), *MICRO, *args], capsys)
+    line = run_cli(train_cli.main, ["--data", str(corpus), "--out", str(out), *MICRO, *args], capsys)
     assert expected in line and not out.exists()
 
 
 def test_train_out_not_writable(tmp_path, capsys, corpus):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    line = run_cli(train.main, ["--data", str(corpus), "--out", str(blocker / "run"), *MICRO],
+    line = run_cli(train_cli.main, ["--data", str(corpus), "--out", str(blocker / "run"), *MICRO],
                    capsys)
     assert str(blocker) in line and blocker.read_text() == "x"
 
 
 def test_train_refuses_other_model_shape(run_dir, corpus, capsys):
     before = tree_digest(run_dir)
-    line = run_cli(train.main, ["--data", str(corpus), "--out", str(run_dir),
+    line = run_cli(train_cli.main, ["--data", str(corpus), "--out", str(run_dir),
                                 *MICRO, "model.d_model=64"], capsys)
     assert "another model shape" in line and "d_model 32 (asked 64)" in line
     assert tree_digest(run_dir) == before
@@ -130,25 +128,25 @@ def test_train_refuses_other_model_shape(run_dir, corpus, capsys):
 ])
 def test_sample_bad_args(run_dir, capsys, args, expected):
     argv = ["--checkpoint", str(run_dir), "--prompt", "ARYA: "] + args
-    assert expected in run_cli(sample.main, argv, capsys)
+    assert expected in run_cli(sample_cli.main, argv, capsys)
 
 
 def test_sample_bad_checkpoint(tmp_path, run_dir, capsys):
     assert "does not exist" in run_cli(
-        sample.main, ["--checkpoint", str(tmp_path / "nope"), "--prompt", "A"], capsys)
+        sample_cli.main, ["--checkpoint", str(tmp_path / "nope"), "--prompt", "A"], capsys)
     assert "no checkpoint" in run_cli(
-        sample.main, ["--checkpoint", str(tmp_path), "--prompt", "A"], capsys)
+        sample_cli.main, ["--checkpoint", str(tmp_path), "--prompt", "A"], capsys)
     assert "no checkpoint at step 7" in run_cli(
-        sample.main, ["--checkpoint", str(run_dir), "--prompt", "A", "--step", "7"], capsys)
+        sample_cli.main, ["--checkpoint", str(run_dir), "--prompt", "A", "--step", "7"], capsys)
 
 
 def test_sample_best_without_validation_loss(run_dir, capsys):
-    line = run_cli(sample.main, ["--checkpoint", str(run_dir), "--prompt", "A", "--best"], capsys)
+    line = run_cli(sample_cli.main, ["--checkpoint", str(run_dir), "--prompt", "A", "--best"], capsys)
     assert line.startswith("error: --best needs a checkpoint with a validation loss")
 
 
 def test_cudnn_attention_without_a_gpu(tmp_path, capsys, corpus):
-    line = run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "out"), *MICRO,
+    line = run_cli(train_cli.main, ["--data", str(corpus), "--out", str(tmp_path / "out"), *MICRO,
                                 "model.attention=cudnn"], capsys)
     assert "model.attention=cudnn needs a CUDA GPU" in line
 
@@ -159,9 +157,9 @@ def test_a_bad_environment_variable(monkeypatch, capsys, tmp_path, corpus, name)
     when it builds its parser: --help still works, a run says what is wrong in one line."""
     monkeypatch.setenv(name, "two")
     with pytest.raises(SystemExit) as exc:
-        train.main(["--help"])
+        train_cli.main(["--help"])
     assert exc.value.code == 0 and "--num-processes" in capsys.readouterr().out
     out = tmp_path / "out"
-    line = run_cli(train.main, ["--data", str(corpus), "--out", str(out), *MICRO], capsys)
+    line = run_cli(train_cli.main, ["--data", str(corpus), "--out", str(out), *MICRO], capsys)
     assert line == f"error: environment variable {name}='two' is not an integer"
     assert not out.exists()

@@ -29,12 +29,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import train
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import cli
 from chatgot_jax import config as config_lib
 from chatgot_jax import run_dir as run_dir_lib
-from chatgot_jax import train_lib, trainer
+from chatgot_jax import train_cli, train_lib, trainer
 from chatgot_jax.errors import RunError, UserError
 from conftest import MICRO_OVERRIDES
 
@@ -58,7 +57,7 @@ def argv(run_dir, corpus, *flags):
 
 
 def config_for(args):
-    parsed = train.build_parser().parse_intermixed_args(args)
+    parsed = train_cli.build_parser().parse_intermixed_args(args)
     return config_lib.load_config(parsed.variant, parsed.config, cli.overrides_of(parsed))
 
 
@@ -109,11 +108,11 @@ def copy_run(src, dest, keep_steps):
 
 
 def main_in_process(args):
-    """train.main in this process; a Ctrl-C that escapes it must not end the test session."""
+    """train_cli.main in this process; a Ctrl-C that escapes it must not end the test session."""
     try:
-        train.main(args)
+        train_cli.main(args)
     except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped train.main")
+        pytest.fail("KeyboardInterrupt escaped train_cli.main")
 
 
 @contextlib.contextmanager
@@ -202,7 +201,7 @@ def test_kill_9_during_training_resumes_exactly(baseline, corpus, tmp_path, caps
         wait_for(lambda: (run_dir / ckpt.CKPT_SUBDIR / "4").is_dir(), proc, err,
                  "checkpoint step 4")
         with pytest.raises(SystemExit) as second:  # a second writer while the first runs
-            train.main(args)
+            train_cli.main(args)
         assert second.value.code == 2
         [line] = error_lines(capsys.readouterr().err)
         assert line.startswith(f"error: {run_dir} is in use by process {proc.pid} on "), line

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -36,15 +37,16 @@ def test_never_runs():
 
 
 def run_pytest(tmp_path, no_skips: str | None):
-    """pytest on the two files in tmp_path with this suite's conftest as a plugin."""
+    """pytest on the two files in tmp_path, beside a copy of this suite's conftest."""
     (tmp_path / "test_skipping.py").write_text(SKIPPING)
     (tmp_path / "test_skipped_module.py").write_text(SKIPPED_MODULE)
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
+    shutil.copy(pathlib.Path(ROOT, "tests", "conftest.py"), tmp_path / "conftest.py")
+    env = dict(os.environ)
     env.pop(NO_SKIPS, None)
     if no_skips is not None:
         env[NO_SKIPS] = no_skips
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "conftest", "--rootdir", str(tmp_path), str(tmp_path)],
+                           "--rootdir", str(tmp_path), str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -17,9 +17,7 @@ nn = torch.nn
 
 import jax.numpy as jnp  # noqa: E402
 
-import sample  # noqa: E402
-import train  # noqa: E402
-from chatgot_jax import convert  # noqa: E402
+from chatgot_jax import convert, sample_cli, train_cli  # noqa: E402
 from chatgot_jax import torch_weights as tw  # noqa: E402
 from chatgot_jax.checkpoint import load_for_inference  # noqa: E402
 from chatgot_jax.model import Decoder  # noqa: E402
@@ -175,7 +173,7 @@ def test_greedy_text_matches_the_original(converted, capsys):
     n = 48
     want = tokenizer.decode(greedy(model, tokenizer.encode(PROMPT).tolist(), n))
     capsys.readouterr()
-    sample.main(["--checkpoint", str(run), "--prompt", PROMPT, "--temperature", "0",
+    sample_cli.main(["--checkpoint", str(run), "--prompt", PROMPT, "--temperature", "0",
                  "--max-new-tokens", str(n)])
     out = capsys.readouterr().out
     assert want in out, (want, out)
@@ -202,7 +200,7 @@ def test_to_torch_writes_the_original_layout_back(converted, tmp_path):
 def test_training_continues_from_a_converted_run(converted, corpus, capsys):
     _, _, _, run = converted
     before, cfg, _, _ = load_for_inference(str(run))
-    train.main(["--out", str(run), "--resume", "--data", str(corpus), "--max-steps", "2",
+    train_cli.main(["--out", str(run), "--resume", "--data", str(corpus), "--max-steps", "2",
                 "--batch-size", "8", "--eval-every", "2", "--save-every", "2",
                 "train.eval_windows=8", "train.sample_tokens=8",
                 *convert.model_overrides(cfg).split()])
@@ -265,7 +263,7 @@ def test_missing_tensor_and_vocabulary_mismatch(craft_files, capsys, tmp_path):
 def test_prompt_outside_the_vocabulary_is_refused(converted, capsys):
     _, _, _, run = converted
     with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--checkpoint", str(run), "--prompt", "JON ж", "--max-new-tokens", "4"])
+        sample_cli.main(["--checkpoint", str(run), "--prompt", "JON ж", "--max-new-tokens", "4"])
     assert exit_info.value.code == 2
     assert "'ж'" in capsys.readouterr().err
 

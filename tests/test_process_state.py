@@ -14,9 +14,8 @@ import warnings
 
 import pytest
 
-import train
 from chatgot_jax import config as config_lib
-from chatgot_jax import trainer
+from chatgot_jax import train_cli, trainer
 from chatgot_jax.errors import RunError
 from conftest import MICRO_OVERRIDES
 
@@ -89,11 +88,11 @@ def test_a_failed_write_in_the_library_leaves_the_process_as_it_was(compiled, co
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_the_command_line_says_one_line_and_then_restores_the_process(compiled, corpus,
                                                                       tmp_path, capsys):
-    """train.main in this process (not its __main__, which holds until the process exits):
+    """train_cli.main in this process (not its __main__, which holds until the process exits):
     one line on stderr, exit status 1, and the process as it was."""
     before = process_state()
     with file_size_limit(LIMIT), pytest.raises(SystemExit) as exc:
-        train.main(["--data", str(corpus), "--out", str(tmp_path / "run"), *ARGS])
+        train_cli.main(["--data", str(corpus), "--out", str(tmp_path / "run"), *ARGS])
     assert exc.value.code == 1
     err = [line for line in re.split(r"[\r\n]", capsys.readouterr().err)
            if line.strip() and not re.search(r"\d+/4 \[", line)]  # all but the progress bar

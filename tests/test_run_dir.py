@@ -6,9 +6,8 @@ import subprocess
 
 import pytest
 
-import train
 from chatgot_jax import checkpoint as ckpt
-from chatgot_jax import run_dir, train_lib
+from chatgot_jax import run_dir, train_cli, train_lib
 from chatgot_jax.data import CharTokenizer
 from chatgot_jax.errors import InvalidArgument, UserError
 from conftest import MICRO_OVERRIDES, micro_config, tree_digest, write_script_corpus
@@ -65,12 +64,12 @@ ARGS = MICRO_OVERRIDES + ["train.batch_size=8", "mesh.data=1", "train.eval_windo
 
 
 def run_train(argv, capsys, code=0):
-    """train.main in this process -> (stdout, stderr lines); expects exit status `code`."""
+    """train_cli.main in this process -> (stdout, stderr lines); expects exit status `code`."""
     if code == 0:
-        train.main(argv)
+        train_cli.main(argv)
     else:
         with pytest.raises(SystemExit) as exc:
-            train.main(argv)
+            train_cli.main(argv)
         assert exc.value.code == code
     out = capsys.readouterr()
     return out.out, [line for line in out.err.splitlines() if line.startswith("error")]
@@ -80,7 +79,7 @@ def run_train(argv, capsys, code=0):
 def finished(tmp_path_factory, corpus):
     """A finished 2-step micro run (its own copy per test: `finished_copy`)."""
     path = tmp_path_factory.mktemp("runs") / "finished"
-    train.main(["--data", str(corpus), "--out", str(path), *ARGS])
+    train_cli.main(["--data", str(corpus), "--out", str(path), *ARGS])
     return path
 
 
@@ -118,7 +117,7 @@ def test_a_finished_run_has_nothing_to_do(finished_copy, corpus, capsys):
     assert out.strip() == (f"nothing to do: {finished_copy} is already at step 2 "
                            f"(train.max_steps 2); raise --max-steps to train further")
     assert not errors and tree_digest(finished_copy) == before
-    summary = train.main(["--data", str(corpus), "--out", str(finished_copy), *ARGS])
+    summary = train_cli.main(["--data", str(corpus), "--out", str(finished_copy), *ARGS])
     best = json.loads((finished_copy / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["best_val_loss"] == pytest.approx(best["val_loss"])  # from the checkpoint
 

@@ -11,9 +11,8 @@ import time
 import numpy as np
 import pytest
 
-import sample
 from chatgot_jax import checkpoint as ckpt
-from chatgot_jax import sweep
+from chatgot_jax import sample_cli, sweep
 from conftest import MICRO_OVERRIDES, ROOT
 
 ARGS = MICRO_OVERRIDES + ["--max-steps", "6", "--eval-every", "3", "--save-every", "3",
@@ -79,7 +78,7 @@ def test_each_run_is_a_normal_run_directory(vmapped, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["lr"] == 1e-2 and config["model"]["dropout"] == 0.0
     assert config["train"]["seed"] == 0 and config["train"]["sample_tokens"] == 0
-    sample.main(["--checkpoint", str(run), "--prompt", "ARYA: ", "--max-new-tokens", "20",
+    sample_cli.main(["--checkpoint", str(run), "--prompt", "ARYA: ", "--max-new-tokens", "20",
                  "--best"])
     text = capsys.readouterr().out
     assert text.startswith("ARYA: ") and len(text) >= len("ARYA: ") + 20
@@ -251,7 +250,7 @@ def test_more_steps_resume_from_the_newest_common_readable_checkpoint(vmapped, t
 
 
 def test_plot_groups_run_directories_by_config(vmapped, tmp_path, capsys):
-    from chatgot_jax.tools import plot
+    from chatgot_jax import plot
 
     out, _ = vmapped
     png = tmp_path / "groups.png"

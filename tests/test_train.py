@@ -245,7 +245,7 @@ def test_cli_default_corpus_two_steps_restores(tmp_path):
            "train.sample_tokens=4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "sample.py --checkpoint" in proc.stdout
+    assert "next: chatgot-sample --checkpoint " in proc.stdout
     params, cfg, tokenizer, step = ckpt.load_for_inference(str(out))
     assert step == 2 and cfg.model.d_model == 32
     assert tokenizer.vocab_size == cfg.model.vocab_size > 60  # Shakespeare's characters + 1

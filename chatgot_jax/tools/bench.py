@@ -38,7 +38,8 @@ import numpy as np
 from chatgot_jax import cli, train_lib
 from chatgot_jax import config as config_lib
 from chatgot_jax.errors import UserError
-from chatgot_jax.tools import plot, report
+from chatgot_jax import plot
+from chatgot_jax.tools import report
 from chatgot_jax.tools.params import count_params, state_bytes_per_device
 
 # Dense peak FLOP/s per device: (bfloat16, float32). float32 matmuls on these GPUs
@@ -228,15 +229,12 @@ def child_argv(args, point: list[str], json_path: str) -> list[str]:
 
 def run_grid(args, points: list[list[str]]) -> list[dict]:
     """Each point in a fresh interpreter; a failed point gets {"error": last stderr line}."""
-    env = dict(os.environ)
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, point in enumerate(points):
             path = os.path.join(tmp, f"{i}.json")
             print(f"[{i + 1}/{len(points)}] {' '.join(point)}", flush=True)
-            proc = subprocess.run(child_argv(args, point, path), env=env,
+            proc = subprocess.run(child_argv(args, point, path),
                                   capture_output=True, text=True)
             if proc.returncode == 0 and os.path.exists(path):
                 with open(path) as f:
@@ -312,9 +310,7 @@ def grid_main(args) -> list[dict]:
 
 
 main = cli.entry_point(build_parser, run)
+command = cli.command(main)  # the chatgot-bench console script and python -m
 
 if __name__ == "__main__":
-    from chatgot_jax.cpu_tuning import prepare_process
-
-    prepare_process()  # as train.py does, so that the figures are what users get
-    main()
+    command()

@@ -82,9 +82,7 @@ def run(args) -> None:
 
 
 main = cli.entry_point(build_parser, run)
+command = cli.command(main)  # python -m
 
 if __name__ == "__main__":
-    from chatgot_jax.cpu_tuning import prepare_process
-
-    prepare_process()
-    main()
+    command()

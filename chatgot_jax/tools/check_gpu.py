@@ -56,9 +56,7 @@ def run(args) -> dict:
 
 
 main = cli.entry_point(build_parser, run)
+command = cli.command(main)  # python -m
 
 if __name__ == "__main__":
-    from chatgot_jax.cpu_tuning import prepare_process
-
-    prepare_process()
-    main()
+    command()

@@ -10,13 +10,10 @@ them with the real step's time from `python -m chatgot_jax.tools.bench`.
 Give it a fresh --out: the run directory it writes holds an untrained model.
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 
-import train
-from chatgot_jax import train_lib
+from chatgot_jax import cli, train_cli, train_lib
 
 
 def make_idle_train_step(cfg, mesh, shardings):
@@ -36,17 +33,15 @@ def make_idle_train_step(cfg, mesh, shardings):
     return jax.jit(idle_step, out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def main(argv=None, until_exit: bool = False):
+def main(argv=None, *, until_exit: bool = False):
+    """train_cli.main with the idle train step."""
     real = train_lib.make_resident_train_step
     train_lib.make_resident_train_step = make_idle_train_step
     try:
-        return train.main(argv, until_exit=until_exit)
+        return train_cli.main(argv, until_exit=until_exit)
     finally:
         train_lib.make_resident_train_step = real
 
 
 if __name__ == "__main__":
-    from chatgot_jax.cpu_tuning import prepare_process
-
-    prepare_process()
-    main(sys.argv[1:], until_exit=True)
+    cli.command(main)()

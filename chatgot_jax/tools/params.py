@@ -111,6 +111,7 @@ def run(args) -> None:
 
 
 main = cli.entry_point(build_parser, run)
+command = cli.command(main, tune_cpu=False)  # the chatgot-params console script and python -m
 
 if __name__ == "__main__":
-    main()
+    command()

@@ -1,4 +1,4 @@
-"""Training curves: python -m chatgot_jax.tools.plot RUN_DIR [RUN_DIR ...] [--out curves.png]
+"""Training curves: python -m chatgot_jax.plot RUN_DIR [RUN_DIR ...] [--out curves.png]
 
 Draws, from each RUN_DIR/metrics.jsonl, the training loss (nats/char) and the
 validation bits/char against optimizer steps, trained tokens and wall time (a
@@ -199,6 +199,7 @@ def run(args) -> None:
 
 
 main = cli.entry_point(build_parser, run)
+command = cli.command(main, tune_cpu=False)  # the chatgot-plot console script and python -m
 
 if __name__ == "__main__":
-    main()
+    command()
