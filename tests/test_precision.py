@@ -233,6 +233,11 @@ def train(params, batch):
     return run
 
 
+def tree_norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                             for x in jax.tree.leaves(tree))))
+
+
 def max_moved(new, old):
     return max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), new, old)))
 
@@ -242,17 +247,27 @@ def forward_loss(cfg, params, batch):
     return float(M.cross_entropy(logits_of(cfg, params, x), y))
 
 
-def test_bf16_train_step_remat_full_equals_none_bit_for_bit(params, batch, train):
-    """remat="full" recomputes the forward in the backward pass; in bf16 on XLA:CPU
-    the recomputation rounds exactly as the first pass did, so params, losses and
-    gradient norms after 2 steps are bit-equal. (In float32 they are not: XLA
-    compiles the unrolled (none) and looped (full) programs differently, and the
-    params were measured up to 1.8e-4 apart after 3 steps; test_model covers
-    float32 remat with a tolerance.)"""
+def test_bf16_train_step_remat_full_equals_none(params, batch, train):
+    """remat="full" recomputes the forward in the backward pass; in bf16 the result is
+    that of remat="none" up to where XLA rounds to bf16. With jax 0.10.2 on XLA:CPU the
+    recomputation rounds exactly as the first pass did: params, losses and gradient
+    norms after 2 steps are bit-equal. With jax 0.12 the fusions round elsewhere:
+    losses 8.7e-5 and gradient norms 3.9e-4 relative apart at most, and Adam's first
+    steps (about lr per element, whatever the gradient's size) turn that into a
+    parameter difference 9.6% of the update's norm. The bounds below leave 10x / 3x.
+    (float32 is not bit-equal either; test_model covers float32 remat.)"""
     p_none, m_none = train("model.compute_dtype=bfloat16", "model.remat=none")
     p_full, m_full = train("model.compute_dtype=bfloat16", "model.remat=full")
-    assert m_full == m_none
-    jax.tree.map(np.testing.assert_array_equal, p_full, p_none)
+    for got, want in zip(m_full, m_none):
+        assert got["opt_step"] == want["opt_step"] and got["lr"] == want["lr"]
+        assert abs(got["loss"] - want["loss"]) <= 1e-3 * abs(want["loss"]), (got, want)
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= 5e-3 * want["grad_norm"], (got, want)
+    update = jax.tree.map(lambda a, b: a - b, p_none, params)
+    apart = jax.tree.map(lambda a, b: a - b, p_full, p_none)
+    assert tree_norm(apart) <= 0.3 * tree_norm(update)
+    if jax.__version_info__ < (0, 11):
+        assert m_full == m_none
+        jax.tree.map(np.testing.assert_array_equal, p_full, p_none)
     assert max_moved(p_none, params) > 1e-3  # the steps moved the params (lr 2e-3)
     # bf16 was in force: step 1 trained on `batch`, and its loss is off the fp32
     # forward's loss there by more than float32 programs ever differ (~1e-7
