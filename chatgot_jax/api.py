@@ -61,6 +61,16 @@ class Model:
         return float(char_nll(self.params, self.config.model,
                               self.tokenizer.encode(text)).mean())
 
+    def evaluate(self, data: str | None = None, split: str = "val",
+                 context: int | None = None) -> dict:
+        """Nats and bits per character over every character of a split of the run's corpus
+        (or of data), with their standard errors: python -m chatgot_jax.evaluate's figure
+        for this checkpoint (chatgot_jax.evaluate.evaluate_run)."""
+        from chatgot_jax.evaluate import evaluate_run  # noqa: PLC0415
+
+        return evaluate_run(self.run_dir, step=self.step, data=data, split=split,
+                            context=context)
+
     def __repr__(self) -> str:
         m = self.config.model
         return (f"Model({str(self.run_dir)!r}, step={self.step}, d_model={m.d_model}, "

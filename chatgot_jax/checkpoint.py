@@ -233,7 +233,7 @@ def best_checkpoint(manager: ocp.CheckpointManager) -> tuple[float, int] | None:
     return min(scored) if scored else None
 
 
-def _resolve(path: str) -> tuple[pathlib.Path, int | None]:
+def resolve(path: str) -> tuple[pathlib.Path, int | None]:
     """A run dir, its checkpoints dir, or one step's dir -> (run dir, step or None)."""
     p = pathlib.Path(path)
     if not p.exists():
@@ -248,19 +248,38 @@ def _resolve(path: str) -> tuple[pathlib.Path, int | None]:
                     f"(with a {CKPT_SUBDIR}/ folder) or one of its step folders")
 
 
+def run_dir_of(path: str) -> pathlib.Path:
+    """The run directory of a run directory, its checkpoints directory or one step's."""
+    return resolve(path)[0]
+
+
 def load_for_inference(path: str, step: int | None = None, best: bool = False):
     """-> (params, Config, CharTokenizer, step) from a run dir or one step's dir."""
-    run_dir, path_step = _resolve(path)
+    run_dir, path_step = resolve(path)
     with make_manager(run_dir, read_only=True) as manager:  # closed however this ends
         return _load(manager, run_dir, path, path_step, step, best)
 
 
 def _load(manager, run_dir, path: str, path_step: int | None, step: int | None, best: bool):
+    step = choose_step(manager, path, step if step is not None else path_step, best)
+    meta = read_meta(manager, step)
+    cfg = config_lib.from_dict(meta["config"], source=f"checkpoint {run_dir} step {step}")
+    tokenizer = CharTokenizer.from_json(json.dumps(meta["tokenizer"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            param_shapes(cfg.model))
+    params = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    return params, cfg, tokenizer, step
+
+
+def choose_step(manager: ocp.CheckpointManager, path: str, step: int | None,
+                best: bool) -> int:
+    """The step to load: `step`, the best checkpoint's, or the newest; UserError if there
+    is no such complete checkpoint."""
     steps = manager.all_steps()
     if not steps:
         raise UserError(f"{path} holds no complete checkpoint")
-    if step is None:
-        step = path_step
     if best:
         found = best_checkpoint(manager)
         if found is None:
@@ -272,12 +291,4 @@ def _load(manager, run_dir, path: str, path_step: int | None, step: int | None, 
     if step not in steps:
         raise UserError(f"{path} has no checkpoint at step {step}: "
                         f"available steps are {', '.join(map(str, sorted(steps)))}")
-    meta = read_meta(manager, step)
-    cfg = config_lib.from_dict(meta["config"], source=f"checkpoint {run_dir} step {step}")
-    tokenizer = CharTokenizer.from_json(json.dumps(meta["tokenizer"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            param_shapes(cfg.model))
-    params = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
-    return params, cfg, tokenizer, step
+    return step

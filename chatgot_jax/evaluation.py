@@ -63,10 +63,12 @@ def _nll_fn(model_cfg):
     return nll
 
 
-def char_nll(params, model_cfg, tokens, batch_size: int = 32) -> np.ndarray:
+def char_nll(params, model_cfg, tokens, batch_size: int = 32,
+             context: int | None = None) -> np.ndarray:
     """-log p(token i | the history window_plan gives it) for i = 1 .. len(tokens) - 1,
-    float64, in nats; batch_size windows per jitted forward pass (the last batch padded)."""
-    x, y, mask = windows(tokens, model_cfg.max_seq_length)
+    float64, in nats, with windows of context characters (default max_seq_length);
+    batch_size windows per jitted forward pass (the last batch padded)."""
+    x, y, mask = windows(tokens, context or model_cfg.max_seq_length)
     pad = -len(x) % batch_size
     x, y = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (x, y))
     nll = _nll_fn(model_cfg)

@@ -11,8 +11,7 @@ import json
 import math
 import pathlib
 
-from chatgot_jax import cli
-from chatgot_jax import config as config_lib
+from chatgot_jax import cli, comparison, stats
 from chatgot_jax.errors import UserError
 
 
@@ -86,8 +85,9 @@ def with_tokens(train: list[dict], val: list[dict]) -> list[dict]:
     return [{**r, "tokens": r["step"] * rate} for r in val]
 
 
-def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out) -> None:
-    """The 2 x 3 grid: rows loss / val bits per char, columns steps / tokens / minutes."""
+def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out):
+    """The 2 x 3 grid: rows loss / val bits per char, columns steps / tokens / minutes.
+    Saved to out; returns the figure."""
     fig, axes = new_figure(2, 3, (15.0, 8.0))
     xs = [("step", "optimizer step", 1.0), ("tokens", "tokens", 1.0),
           ("time", "wall time (min)", 1 / 60)]
@@ -100,10 +100,19 @@ def plot_curves(runs: dict[str, tuple[list[dict], list[dict]]], out) -> None:
                        if xkey in r and math.isfinite(r[xkey]) and math.isfinite(r[ykey])]
                 ax = axes[row][col]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o" if row else None, markersize=3,
-                            label=label)
+                    ax.plot(*zip(*pts), label=label,
+                            **markers(len(pts), always=row == 1))
                 label_axis(ax, xlabel, ylabel)
-    save_with_legends(fig, axes, out)
+    return save_with_legends(fig, axes, out)
+
+
+FEW_POINTS = 20  # a series with this many points or fewer is drawn with a mark at each
+
+
+def markers(n_points: int, always: bool = False) -> dict:
+    """Line style keywords: a mark at every point when the series has few (one
+    evaluation would otherwise be an invisible zero-length line), or when asked."""
+    return {"marker": "o", "markersize": 3} if always or n_points <= FEW_POINTS else {}
 
 
 def label_axis(ax, xlabel: str, ylabel: str) -> None:
@@ -112,24 +121,28 @@ def label_axis(ax, xlabel: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def save_with_legends(fig, axes, out) -> None:
+def save_with_legends(fig, axes, out):
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.savefig(out, dpi=100)
+    return fig
 
 
 def band(curves: list[list[tuple[float, float]]]):
-    """(x, mean, min, max) over the curves at the x values they all have."""
+    """(x, mean, lo, hi) over the curves at the x values they all have: the mean and its
+    95% Student-t interval over the curves (no band for one curve)."""
     common = sorted(set.intersection(*(set(x for x, _ in c) for c in curves)))
-    values = [[dict(c)[x] for c in curves] for x in common]
-    return (common, [sum(v) / len(v) for v in values], [min(v) for v in values],
-            [max(v) for v in values])
+    rows = [stats.mean_interval([dict(c)[x] for c in curves]) for x in common]
+    mean = [r["mean"] for r in rows]
+    return (common, mean, [m if r["lo"] is None else r["lo"] for m, r in zip(mean, rows)],
+            [m if r["hi"] is None else r["hi"] for m, r in zip(mean, rows)])
 
 
-def plot_groups(groups: dict[str, list[pathlib.Path]], out) -> None:
+def plot_groups(groups: dict[str, list[pathlib.Path]], out):
     """Validation and training loss (nats/char) against tokens: per group of runs (the
-    seeds of one config), the mean as a line and the min-max as a band."""
+    seeds of one config), the mean as a line and its 95% interval as a band. Saved to
+    out; returns the figure."""
     fig, axes = new_figure(1, 2, (14.0, 5.0))
     for label, dirs in groups.items():
         runs = [read_metrics(d) for d in dirs if (d / "metrics.jsonl").is_file()]
@@ -145,29 +158,10 @@ def plot_groups(groups: dict[str, list[pathlib.Path]], out) -> None:
             if not curves:
                 continue
             x, mean, lo, hi = band(curves)
-            (line,) = ax.plot(x, mean, label=f"{label} ({len(curves)})")
+            (line,) = ax.plot(x, mean, label=f"{label} ({len(curves)})", **markers(len(x)))
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
             label_axis(ax, "tokens", title)
-    save_with_legends(fig, axes, out)
-
-
-def group_by_config(dirs: list[pathlib.Path]) -> dict[str, list[pathlib.Path]]:
-    """Run directories whose config.json differ only in seeds, together; each group is
-    labelled by the fields in which the groups differ."""
-    configs = []
-    for d in dirs:
-        path = d / "config.json"
-        if not path.is_file():
-            raise UserError(f"{path} does not exist: is {d} a training run directory?")
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        configs.append({f"{s}.{k}": v for s, fields in cfg.items() for k, v in fields.items()
-                        if not (s == "train" and k in config_lib.SEED_FIELDS)})
-    keys = sorted({k for c in configs for k in c if len({str(o.get(k)) for o in configs}) > 1})
-    groups: dict[str, list[pathlib.Path]] = {}
-    for d, c in zip(dirs, configs):
-        label = " ".join(f"{k}={c.get(k)}" for k in keys) or "(one config)"
-        groups.setdefault(label, []).append(d)
-    return groups
+    return save_with_legends(fig, axes, out)
 
 
 def run_labels(dirs: list[pathlib.Path]) -> list[str]:
@@ -182,14 +176,14 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
     p.add_argument("--group", action="store_true",
                    help="runs whose configs differ only in seeds as one curve: the mean and "
-                        "a min-max band, validation and training loss against tokens")
+                        "its 95%% band, validation and training loss against tokens")
     return p
 
 
 def run(args) -> None:
     dirs = [pathlib.Path(d) for d in args.run_dirs]
     if args.group:
-        groups = group_by_config(dirs)
+        groups = comparison.group_runs(dirs)
         plot_groups(groups, args.out)
         print(f"wrote {args.out}: " + "; ".join(f"{k} ({len(v)} runs)" for k, v in groups.items()))
         return

@@ -5,6 +5,7 @@
                                   fields that changed from the one before
     RUN_DIR/provenance.jsonl      one line per start or resume: command, versions, devices, data
     RUN_DIR/tokenizer.json        the vocabulary
+    RUN_DIR/prompt.txt            the prompt of its evaluation samples (sample.py's default)
     RUN_DIR/metrics.jsonl         and TensorBoard events (chatgot_jax.metrics.Logger)
     RUN_DIR/checkpoints/          Orbax checkpoints (chatgot_jax.checkpoint)
 
@@ -33,6 +34,7 @@ from chatgot_jax import config as config_lib
 from chatgot_jax.data import CharTokenizer
 from chatgot_jax.errors import InvalidArgument, UserError
 
+PROMPT_FILE = "prompt.txt"  # the run's evaluation prompt, exactly (no newline added)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
@@ -190,12 +192,16 @@ def now() -> str:
 
 
 def write_start(run_dir: pathlib.Path, cfg: config_lib.Config, tokenizer: CharTokenizer,
-                existing: Existing, step: int, provenance: dict) -> None:
+                existing: Existing, step: int, provenance: dict,
+                prompt: str | None = None) -> None:
     """What every start writes: config.json, tokenizer.json, a config-history line for a
     new run or a changed config, and a provenance line, both at `step`, the step
-    training starts from. OSError -> UserError."""
+    training starts from; and prompt.txt, the prompt its evaluation samples start
+    from (sample.py's default prompt), if given. OSError -> UserError."""
     changes = {} if existing.config is None else config_changes(existing.config, cfg)
     try:
+        if prompt is not None:
+            (run_dir / PROMPT_FILE).write_text(prompt, encoding="utf-8")
         if existing.config is None or changes:
             append_line(run_dir / "config-history.jsonl",
                         {"step": step, "time": now(), "changes": changes,

@@ -155,7 +155,8 @@ def start_outputs(members: list[Member], step: int, mesh, command) -> None:
         if is_main:
             run_dir_lib.write_start(m.run_dir, m.cfg, m.data.tokenizer, m.existing, step,
                                     run_dir_lib.provenance(m.data.identity,
-                                                           list(mesh.devices.flat), command))
+                                                           list(mesh.devices.flat), command),
+                                    prompt=m.data.prompt)
         m.log = Logger(m.run_dir, is_main, start_step=step, hparams=run_dir_lib.flat(m.cfg),
                        prefix=f"{m.name}: " if len(members) > 1 else "")
 

@@ -11,7 +11,10 @@ from chatgot_jax.errors import UserError
 DESCRIPTION = """\
 Generate text from a checkpoint made by train.py. The model config and the
 tokenizer come from the checkpoint. The prompt must be non-empty (the model has
-no start token) and use only characters of the model's vocabulary.
+no start token) and use only characters of the model's vocabulary. Without
+--prompt or --prompt-file, it is the run's own evaluation prompt (the speaker
+prompt its training log sampled from, RUN_DIR/prompt.txt), or a newline for a
+run that has none (one converted, or trained before runs stored it).
 
 Context: the model sees at most max_seq_length characters. A longer prompt keeps
 its last max_seq_length - 1 characters; once prompt + output fill the context,
@@ -29,8 +32,10 @@ def build_parser() -> cli.ArgumentParser:
     which.add_argument("--step", type=int, metavar="N", help="load this step's checkpoint")
     which.add_argument("--best", action="store_true",
                        help="load the checkpoint with the lowest validation loss")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", metavar="TEXT", help="the text to continue (non-empty)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", metavar="TEXT",
+                        help="the text to continue (non-empty; default: the run's evaluation "
+                             "prompt, else a newline)")
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file")
     p.add_argument("--max-new-tokens", type=int, metavar="N", default=500,
                    help="characters to generate per sample (default 500)")
@@ -47,9 +52,12 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def read_prompt(args) -> str:
+def read_prompt(args) -> str | None:
+    """--prompt, or --prompt-file's text, or None (the run's default)."""
     if args.prompt is not None:
         return args.prompt
+    if args.prompt_file is None:
+        return None
     try:
         with open(args.prompt_file, encoding="utf-8") as f:
             return f.read()
@@ -64,19 +72,37 @@ def read_prompt(args) -> str:
         raise UserError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
 
 
+def default_prompt(checkpoint: str) -> tuple[str, str]:
+    """(prompt, where it comes from): the run's stored evaluation prompt, else a newline."""
+    from chatgot_jax.checkpoint import run_dir_of  # noqa: PLC0415
+    from chatgot_jax.run_dir import PROMPT_FILE  # noqa: PLC0415
+
+    path = run_dir_of(checkpoint) / PROMPT_FILE
+    try:
+        stored = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return "\n", "the run stores none (no prompt.txt), so a newline:"
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}): give --prompt") from None
+    return stored, "the run's evaluation prompt"
+
+
 def run(args) -> None:
     prompt = read_prompt(args)
     from chatgot_jax import sampling  # noqa: PLC0415 (--help stays instant)
     from chatgot_jax.checkpoint import load_for_inference  # noqa: PLC0415
 
-    if not prompt:  # fail before loading the checkpoint
+    if prompt == "":  # fail before loading the checkpoint
         sampling.check_prompt(None, prompt)
     sampling.check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
                                  args.top_p, args.num_samples)
     params, cfg, tokenizer, step = load_for_inference(args.checkpoint, step=args.step,
                                                       best=args.best)
-    sampling.check_prompt(tokenizer, prompt)  # before the prompt is echoed
     print(f"loaded step {step} from {args.checkpoint}", file=sys.stderr)
+    if prompt is None:
+        prompt, where = default_prompt(args.checkpoint)
+        print(f"prompt: {where} {prompt!r}", file=sys.stderr)
+    sampling.check_prompt(tokenizer, prompt)  # before the prompt is echoed
     n, out = args.num_samples, sys.stdout
 
     def stream(i, piece):  # sample 1 streams live; the others print when done

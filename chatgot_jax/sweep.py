@@ -131,10 +131,14 @@ def build_parser() -> cli.ArgumentParser:
                         "the only way to set train.seed in a sweep")
     p.add_argument("--sequential", action="store_true",
                    help="train each run on its own, with train.py's code path")
+    p.add_argument("--final-eval", choices=["full"],
+                   help="full: compare the configs on each run's final checkpoint evaluated "
+                        "over the whole validation split (python -m chatgot_jax.evaluate), "
+                        "not on the windowed validation loss of its log")
     return p
 
 
-def run(args) -> list[dict]:
+def run(args) -> dict:
     overrides = cli.overrides_of(args)
     if not any(o.startswith("train.sample_tokens=") for o in overrides):
         overrides.append("train.sample_tokens=0")
@@ -158,9 +162,9 @@ def run(args) -> list[dict]:
         if not finished:
             print(f"interrupted: the runs in {out} keep their last checkpoints; run the same "
                   f"command to resume the sweep")
-            return []
+            return {}
         print(f"trained {len(points)} runs in {time.time() - t0:.0f} s")
-        return sweep_report.write(out, points)
+        return sweep_report.write(out, points, args.final_eval)
     finally:
         lock.release()
 

@@ -1,15 +1,19 @@
-"""A sweep's reports: OUT/summary.json (one entry per run), OUT/summary.md (configs side by
-side: mean and std over seeds), OUT/curves.png (mean and min-max band per config).
+"""A sweep's reports: OUT/summary.json (every run, and every config's statistics over its
+seeds), OUT/summary.md (the configs side by side with 95% intervals and paired
+comparisons: chatgot_jax.comparison), OUT/curves.png (mean and 95% band per config).
 
-The numbers come from each run's metrics.jsonl, so the reports can be rebuilt from
-the run directories at any time.
+The numbers come from each run's metrics.jsonl (the final windowed validation
+loss), or with final_eval="full" from the full-split evaluation of each run's
+final checkpoint (chatgot_jax.evaluate, remembered in the run directory), so
+the reports can be rebuilt from the run directories at any time.
 """
 
 import json
 import math
 import pathlib
 
-import numpy as np
+from chatgot_jax import comparison
+from chatgot_jax import config as config_lib
 
 
 def read_run(run_dir: pathlib.Path) -> dict:
@@ -38,14 +42,22 @@ def read_run(run_dir: pathlib.Path) -> dict:
             "tokens": train[-1]["tokens"] if train else 0, "wall_time_s": wall + last_time}
 
 
-def entries(out: pathlib.Path, points) -> list[dict]:
+def entries(out: pathlib.Path, points, final_eval: str | None = None) -> list[dict]:
     rows = []
     for p in points:
         run = read_run(out / p.name)
-        rows.append({"name": p.name, "overrides": list(p.overrides), "seed": p.seed,
-                     "run_dir": str(out / p.name), **run,
-                     "complete": run["steps"] >= p.cfg.train.max_steps
-                     and run["final_val_loss"] is not None})
+        row = {"name": p.name, "overrides": list(p.overrides), "seed": p.seed,
+               "seeds": [config_lib.seed_of(p.cfg.train, s) for s in ("init", "data",
+                                                                       "dropout")],
+               "run_dir": str(out / p.name), **run,
+               "complete": run["steps"] >= p.cfg.train.max_steps
+               and run["final_val_loss"] is not None}
+        if final_eval == "full" and row["complete"]:
+            from chatgot_jax.evaluate import evaluate_run  # noqa: PLC0415
+
+            full = evaluate_run(out / p.name)
+            row["full_val_loss"], row["full_val_se"] = full["nats_per_char"], full["se_nats"]
+        rows.append(row)
     return rows
 
 
@@ -53,40 +65,28 @@ def config_label(overrides) -> str:
     return " ".join(overrides) or "(base config)"
 
 
-def table(rows: list[dict]) -> str:
-    """summary.md: one line per config, best mean validation loss first."""
-    by_config: dict[str, list[dict]] = {}
+def statistics(rows: list[dict], final_eval: str | None) -> dict:
+    """comparison.report over the configs, from the runs that finished."""
+    metric, key = ("full", "full_val_loss") if final_eval == "full" else ("val",
+                                                                       "final_val_loss")
+    groups: dict[str, list] = {}
     for r in rows:
-        by_config.setdefault(config_label(r["overrides"]), []).append(r)
-
-    def stats(group, key):
-        v = np.array([r[key] for r in group if r[key] is not None], dtype=float)
-        return (float(v.mean()), float(v.std()), len(v)) if len(v) else (math.nan, math.nan, 0)
-
-    lines = ["| config | runs | final val nats/char | best val nats/char | final val bits/char "
-             "| best val bits/char | tokens | wall time s |", "|---" * 8 + "|"]
-    ordered = sorted(by_config.items(), key=lambda kv: (
-        math.isnan(stats(kv[1], "best_val_loss")[0]), stats(kv[1], "best_val_loss")[0]))
-    for label, group in ordered:
-        final, best = stats(group, "final_val_loss"), stats(group, "best_val_loss")
-        done = sum(r["complete"] for r in group)
-        ln2 = math.log(2)
-        lines.append(
-            f"| {label} | {done}/{len(group)} | {final[0]:.4f} ± {final[1]:.4f} "
-            f"| {best[0]:.4f} ± {best[1]:.4f} | {final[0] / ln2:.4f} ± {final[1] / ln2:.4f} "
-            f"| {best[0] / ln2:.4f} ± {best[1] / ln2:.4f} | {group[0]['tokens']:,} "
-            f"| {np.mean([r['wall_time_s'] for r in group]):.0f} |")
-    notes = ["", "Mean ± standard deviation over the seeds of each config; runs = runs that "
-                 "finished with a validation loss / runs. A run that diverged or was "
-                 "interrupted counts only with the evaluations it made."]
-    return "\n".join(lines + notes) + "\n"
+        if r["complete"] and r.get(key) is not None and math.isfinite(r[key]):
+            groups.setdefault(config_label(r["overrides"]), []).append(
+                (tuple(r["seeds"]), r[key]))
+    return comparison.report(groups, metric) if groups else {"metric": metric, "configs": []}
 
 
-def write(out: pathlib.Path, points) -> list[dict]:
-    """Writes the three reports and prints summary.md; returns summary.json's entries."""
-    rows = entries(out, points)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    text = table(rows)
+def write(out: pathlib.Path, points, final_eval: str | None = None) -> dict:
+    """Writes the three reports and prints summary.md; returns summary.json's content."""
+    rows = entries(out, points, final_eval)
+    rep = statistics(rows, final_eval)
+    summary = {"runs": rows, **rep}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    done = sum(r["complete"] for r in rows)
+    text = (comparison.markdown(rep) if rep["configs"] else "No run finished.\n") + (
+        f"\n{done} of {len(rows)} runs finished with a validation loss; a run that diverged "
+        f"or was interrupted is left out of the statistics.\n")
     (out / "summary.md").write_text(f"# Sweep {out}\n\n{text}")
     from chatgot_jax import plot  # noqa: PLC0415 (matplotlib)
 
@@ -95,4 +95,4 @@ def write(out: pathlib.Path, points) -> list[dict]:
         groups.setdefault(config_label(r["overrides"]), []).append(pathlib.Path(r["run_dir"]))
     plot.plot_groups(groups, out / "curves.png")
     print(text + f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'curves.png'}")
-    return rows
+    return summary

@@ -379,11 +379,10 @@ def finish(group: Group) -> list[dict]:
     m, s = group.members[0], summaries[0]
     if len(group.members) == 1 and m.problem is None and jax.process_index() == 0:
         bpc = "n/a" if s["best_val_bpc"] is None else f"{s['best_val_bpc']:.4f}"
-        sample = ["chatgot-sample", "--checkpoint", str(m.run_dir), "--prompt", m.data.prompt]
         print(f"done: {s['steps']} steps, {s['tokens']:,} tokens, {s['wall_time_s']:.0f} s, "
               f"best val {bpc} bits/char\n"
-              f"checkpoints: {s['checkpoint']}\n"
-              f"next: {shlex.join(sample)}")  # one line a shell runs as it is
+              f"checkpoints: {s['checkpoint']}\n"  # the prompt is the run's own (prompt.txt):
+              f"next: chatgot-sample --checkpoint {shlex.quote(str(m.run_dir))}")  # one line
     return summaries
 
 

@@ -1,14 +1,21 @@
-"""sample.py end to end on a trained run, and which checkpoints a run keeps (keep + best)."""
+"""sample.py end to end on a trained run, which checkpoints a run keeps (keep + best), the
+prompt it starts from by default, and the command train.py prints to sample."""
 
 import json
+import os
+import pathlib
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from chatgot_jax import checkpoint as ckpt
 from chatgot_jax import config as config_lib
-from chatgot_jax import sampling, trainer
+from chatgot_jax import data as data_lib
+from chatgot_jax import sampling, train_cli, trainer
+from chatgot_jax.sample_cli import main as sample_cli_main
 from conftest import MICRO_OVERRIDES, ROOT
 
 # Evaluated and saved at every step, and only the newest checkpoint kept beside the best.
@@ -92,3 +99,65 @@ def test_sample_best_loads_the_best_checkpoint(run):
     [expected] = sampling.generate(params, cfg.model, tokenizer, PROMPT,
                                    max_new_tokens=NEW_TOKENS, temperature=0.0)
     assert stdout == PROMPT + expected + "\n"
+
+
+# ------------------------------------------------------------ the prompt by default
+
+
+def train_micro(corpus, run_dir, capsys) -> str:
+    """2 micro steps through the train command -> what it printed on stdout."""
+    capsys.readouterr()
+    train_cli.main(["--data", str(corpus), "--out", str(run_dir), "--max-steps", "2",
+                    "--eval-every", "2", *OVERRIDES])
+    return capsys.readouterr().out
+
+
+def sample_default(run_dir, capsys) -> tuple[str, str]:
+    sample_cli_main(["--checkpoint", str(run_dir), "--max-new-tokens", "8",
+                     "--temperature", "0"])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_sample_without_a_prompt_starts_from_the_runs_own(corpus, tmp_path, capsys):
+    """A corpus with speaker lines: the run's evaluation prompt ('JON SNOW: ' or another
+    speaker), stored in prompt.txt; a run without prompt.txt starts from a newline."""
+    run_dir = tmp_path / "speakers"
+    train_micro(corpus, run_dir, capsys)
+    stored = (run_dir / "prompt.txt").read_text(encoding="utf-8")
+    assert re.fullmatch(r"(JON SNOW|ARYA|TYRION): ", stored), stored
+    out, err = sample_default(run_dir, capsys)
+    assert out.startswith(stored) and len(out) == len(stored) + 8 + 1
+    assert f"prompt: the run's evaluation prompt {stored!r}" in err
+    (run_dir / "prompt.txt").unlink()  # as a converted run, or one trained before
+    out, err = sample_default(run_dir, capsys)
+    assert out.startswith("\n") and len(out) == 1 + 8 + 1 and "a newline" in err
+
+
+def prose_with_newline_and_quote_at_the_split(path) -> pathlib.Path:
+    """A corpus without SPEAKER: lines whose validation split starts with a newline and a
+    double quote (then a single quote), so that the run's prompt holds all three."""
+    words = "the night is dark and full of terrors winter is coming".split()
+    rng = np.random.default_rng(1)
+    text = " ".join(rng.choice(words, 3000))
+    n_train = len(data_lib.split_tokens(np.zeros(len(text) + 3), 0.1)[0])
+    text = text[:n_train] + "\n\"'" + text[n_train:]
+    assert data_lib.split_tokens(np.arange(len(text)), 0.1)[1][0] == n_train
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_hint_after_training_is_one_line_a_shell_runs(tmp_path, capsys):
+    corpus = prose_with_newline_and_quote_at_the_split(tmp_path / "prose.txt")
+    run_dir = tmp_path / "a run"  # a space too
+    printed = train_micro(corpus, run_dir, capsys)
+    stored = (run_dir / "prompt.txt").read_text(encoding="utf-8")
+    assert stored.startswith("\n\"'")  # the prompt holds a newline and both quotes
+    [hint] = [line for line in printed.splitlines() if line.startswith("next: ")]
+    command = hint.removeprefix("next: ")
+    assert printed.splitlines()[-1] == hint  # nothing of it spills onto another line
+    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", command + " --max-new-tokens 5"], cwd=tmp_path.parent,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(stored) and len(done.stdout) == len(stored) + 5 + 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from chatgot_jax import checkpoint as ckpt
-from chatgot_jax import sample_cli, sweep
+from chatgot_jax import comparison, sample_cli, sweep
 from conftest import MICRO_OVERRIDES, ROOT
 
 ARGS = MICRO_OVERRIDES + ["--max-steps", "6", "--eval-every", "3", "--save-every", "3",
@@ -85,21 +85,29 @@ def test_each_run_is_a_normal_run_directory(vmapped, capsys):
 
 
 def test_summary_json_and_md(vmapped):
-    out, rows = vmapped
-    assert json.loads((out / "summary.json").read_text()) == rows
-    assert [r["name"] for r in rows] == NAMES
+    out, summary = vmapped
+    rows = summary["runs"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert [r["name"] for r in rows] == NAMES and summary["metric"] == "val"
     for r in rows:
         train, val = logged(out / r["name"])
         assert r["final_val_loss"] == val[6] and r["best_val_loss"] == min(val.values())
         assert r["complete"] and r["tokens"] == 6 * 8 * 32 and r["seed"] == 0
+        assert r["seeds"] == [0, 0, 0]
         assert r["run_dir"] == str(out / r["name"]) and r["wall_time_s"] > 0
+    configs = summary["configs"]
+    assert [c["n"] for c in configs] == [1] * 4  # one seed each: no interval
+    assert all(c["lo"] is None for c in configs)
+    assert [c["mean"] for c in configs] == sorted(c["mean"] for c in configs)  # best first
+    by_config = {" ".join(r["overrides"]): r["final_val_loss"] for r in rows}
+    assert configs[0]["config"] == min(by_config, key=by_config.get)
+    assert configs[0]["verdict"] == "best"
+    assert all(c["verdict"] == "not distinguishable at these seeds" for c in configs[1:])
     table = (out / "summary.md").read_text().splitlines()
     body = [line for line in table if line.startswith("| train.")]
     assert len(body) == 4  # one line per config
-    best = [float(line.split("|")[4].split("±")[0]) for line in body]
-    assert best == sorted(best)  # best first
-    by_config = {" ".join(r["overrides"]): r["best_val_loss"] for r in rows}
-    assert body[0].startswith(f"| {min(by_config, key=by_config.get)} | 1/1 |")
+    assert body[0].startswith(f"| {configs[0]['config']} | 1 | ")
+    assert "(one seed: no interval)" in body[0]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -110,7 +118,7 @@ def test_shape_changing_axes_make_groups(tmp_path, corpus, capsys):
     printed = capsys.readouterr().out
     assert "group 1/2: 2 runs trained together (d_hid=32,seed=0, d_hid=32,seed=1)" in printed
     assert "group 2/2: 2 runs trained together (d_hid=64,seed=0, d_hid=64,seed=1)" in printed
-    rows = json.loads((out / "summary.json").read_text())
+    rows = json.loads((out / "summary.json").read_text())["runs"]
     assert [r["complete"] for r in rows] == [True] * 4
     seeds = {r["name"]: logged(out / r["name"])[0][1] for r in rows}
     assert seeds["d_hid=32,seed=0"] != seeds["d_hid=32,seed=1"]  # seeds are really different
@@ -245,7 +253,7 @@ def test_more_steps_resume_from_the_newest_common_readable_checkpoint(vmapped, t
             "train.max_steps": [6, 9]}
     assert [p.name[:2] for p in (corrupt / NAMES[1] / "corrupt-checkpoints").iterdir()] == \
         ["6-"]
-    rows = json.loads((corrupt / "summary.json").read_text())
+    rows = json.loads((corrupt / "summary.json").read_text())["runs"]
     assert all(r["complete"] and r["steps"] == 9 for r in rows)
 
 
@@ -258,5 +266,29 @@ def test_plot_groups_run_directories_by_config(vmapped, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "model.dropout=0.0 train.lr=0.001 (1 runs)" in printed
     assert png.read_bytes()[:4] == b"\x89PNG"
-    groups = plot.group_by_config([out / n for n in NAMES] + [out / NAMES[0]])
+    groups = comparison.group_runs([out / n for n in NAMES] + [out / NAMES[0]])
     assert len(groups) == 4 and len(groups["model.dropout=0.0 train.lr=0.001"]) == 2
+
+
+def test_runs_with_one_evaluation_each_are_visible(tmp_path):
+    """A series of one point would be a zero-length line: every series with few points
+    gets a mark at each point (the drawn artists, not pixels)."""
+    from chatgot_jax import plot
+
+    groups = {}
+    for lr in ("1e-3", "1e-2"):
+        run = tmp_path / f"lr={lr}"
+        run.mkdir()
+        records = [{"step": s, "loss": 3.0 - s / 10, "tokens": 256 * s, "time": s}
+                   for s in (1, 2, 3)] + [{"step": 3, "val_loss": 2.5, "val_bpc": 3.6,
+                                          "time": 3.0}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        groups[f"lr={lr}"] = [run]
+    for fig in (plot.plot_groups(groups, tmp_path / "groups.png"),
+                plot.plot_curves({k: plot.read_metrics(v[0]) for k, v in groups.items()},
+                                 tmp_path / "curves.png")):
+        lines = [line for ax in fig.axes for line in ax.get_lines()]
+        single = [line for line in lines if len(line.get_xdata()) == 1]
+        assert len(single) >= 2  # each run's one evaluation, in each figure
+        for line in lines:
+            assert line.get_marker() == "o" and line.get_markersize() > 0, line.get_label()
