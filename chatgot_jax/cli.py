@@ -95,7 +95,7 @@ def command(main, tune_cpu: bool = True):
     cache, allocator; it may re-execute the process), then main(until_exit=True)."""
 
     def run_process():
-        if tune_cpu:
+        if tune_cpu and not {"-h", "--help"} & set(sys.argv[1:]):  # --help needs no re-exec
             from chatgot_jax.cpu_tuning import prepare_process  # noqa: PLC0415
 
             prepare_process()

@@ -26,6 +26,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "cudnn")
 MEMORY_LENGTHS = (0, 1)
 POSITIONS = ("learned", "sinusoidal")
+# matrices: weight decay on kernels and embeddings (this project's default); all: on every
+# parameter, as the original's torch.optim.AdamW(model.parameters(), weight_decay=...).
+DECAY_RULES = ("matrices", "all")
 
 
 class ConfigError(UserError):
@@ -82,7 +85,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # optimizer steps of linear warmup
     max_steps: int = 1800  # optimizer steps
-    weight_decay: float = 0.01  # on matrices only (see optim.py)
+    weight_decay: float = 0.01  # on the parameters train.decay names (see optim.py)
+    decay: str = "matrices"  # one of DECAY_RULES
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # clip_by_global_norm
@@ -295,6 +299,9 @@ def validate(cfg: Config) -> None:
         if getattr(t, name) < -1:
             raise ConfigError(f"train.{name} must be >= 0, or -1 for train.seed, "
                               f"got {getattr(t, name)}")
+    if t.decay not in DECAY_RULES:
+        raise ConfigError(f"train.decay must be one of {', '.join(DECAY_RULES)}, "
+                          f"got '{t.decay}'")
     for name in ("beta1", "beta2", "min_lr_ratio"):
         if not 0.0 <= getattr(t, name) <= 1.0:
             raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(t, name)}")

@@ -4,10 +4,13 @@ The hyper-parameters are float32 arrays (hyperparams(cfg)) handed to the train
 step as an input, not constants compiled into it: a sweep vmaps one step over
 runs with their own lr, schedule, weight decay, betas and clipping.
 Weight decay applies to matrices only (dense kernels and the token and position
-embeddings); biases and LayerNorm scales/offsets are not decayed.
+embeddings; biases and LayerNorm scales/offsets are not decayed), or with
+train.decay=all to every parameter, as the original's PyTorch AdamW did.
 The schedule counts optimizer steps: MultiSteps calls the inner chain once per
 `grad_accum` micro-batches, so the lr advances once per optimizer step.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,15 +49,13 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     return lambda count: lr_at(count, h)
 
 
-def decay_mask(params):
-    """True for leaves that get weight decay: every parameter with ndim >= 2 per layer.
-
-    Scanned block params carry a leading layer axis, so a kernel there is 3-d and a
-    bias 2-d; the rule is on the name instead of the rank to stay exact.
-    """
+def decay_mask(params, rule: str = "matrices"):
+    """True for leaves that get weight decay. matrices: every parameter with ndim >= 2 per
+    layer (scanned block params carry a leading layer axis, so a kernel there is 3-d and
+    a bias 2-d: the rule is on the name instead of the rank to stay exact); all: every
+    parameter."""
     def decayed(path, _):
-        name = path[-1].key
-        return name in ("kernel", "embedding", "pos_emb")
+        return rule == "all" or path[-1].key in ("kernel", "embedding", "pos_emb")
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
@@ -64,6 +65,7 @@ def make_optimizer(cfg: TrainConfig, h: dict | None = None) -> optax.MultiSteps:
     inner = optax.chain(
         optax.clip_by_global_norm(h["grad_clip"]),
         optax.adamw(lambda count: lr_at(count, h), b1=h["beta1"], b2=h["beta2"], eps=1e-8,
-                    weight_decay=h["weight_decay"], mask=decay_mask),
+                    weight_decay=h["weight_decay"],
+                    mask=functools.partial(decay_mask, rule=cfg.decay)),
     )
     return optax.MultiSteps(inner, every_k_schedule=cfg.grad_accum)

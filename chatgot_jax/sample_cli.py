@@ -98,11 +98,13 @@ def run(args) -> None:
                                  args.top_p, args.num_samples)
     params, cfg, tokenizer, step = load_for_inference(args.checkpoint, step=args.step,
                                                       best=args.best)
-    print(f"loaded step {step} from {args.checkpoint}", file=sys.stderr)
+    where = None
     if prompt is None:
         prompt, where = default_prompt(args.checkpoint)
+    sampling.check_prompt(tokenizer, prompt)  # before anything is printed
+    print(f"loaded step {step} from {args.checkpoint}", file=sys.stderr)
+    if where is not None:
         print(f"prompt: {where} {prompt!r}", file=sys.stderr)
-    sampling.check_prompt(tokenizer, prompt)  # before the prompt is echoed
     n, out = args.num_samples, sys.stdout
 
     def stream(i, piece):  # sample 1 streams live; the others print when done

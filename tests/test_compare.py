@@ -102,12 +102,12 @@ def slow_full_split(run_dir) -> tuple[list[float], int]:
     tokens = evaluate.split_text(meta_text, tokenizer, cfg.train.val_fraction, "val")
     T = cfg.model.max_seq_length
     starts, first = evaluation.window_plan(len(tokens), T)
-    host = jax.device_get(params)
+    forward = jax.jit(lambda x: Decoder(cfg.model).apply({"params": params}, x,
+                                                         deterministic=True))
     nll = []
-    for s, f in zip(starts, first):
+    for s, f in zip(starts, first):  # one window at a time, the softmax in numpy float64
         x = np.asarray(tokens[s:s + T])[None]
-        logits = np.asarray(Decoder(cfg.model).apply({"params": host}, x, deterministic=True),
-                            np.float64)[0]
+        logits = np.asarray(forward(x), np.float64)[0]
         top = logits.max(-1, keepdims=True)
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         nll += [-logp[j, tokens[s + j + 1]] for j in range(f, x.shape[1])

@@ -197,8 +197,12 @@ def assert_finished_like_baseline(run_dir, baseline):
 def test_kill_9_during_training_resumes_exactly(baseline, corpus, tmp_path, capsys):
     run_dir = tmp_path / "killed"
     args = argv(run_dir, corpus)
-    with spawn([sys.executable, "train.py", *args], tmp_path, "killed") as (proc, out, err):
-        wait_for(lambda: (run_dir / ckpt.CKPT_SUBDIR / "4").is_dir(), proc, err,
+    # Parked before step 7 (micro-step 6) until killed: however fast it ran, it is mid-run.
+    env = {"FAULT_MODE": "park", "FAULT_ARG": "6", "FAULT_MARKER": str(tmp_path / "parked"),
+           "FAULT_RELEASE": str(tmp_path / "never")}
+    with spawn([sys.executable, WRAPPER, *args], tmp_path, "killed", env) as (proc, out, err):
+        wait_for(lambda: (tmp_path / "parked").exists()
+                 and (run_dir / ckpt.CKPT_SUBDIR / "4").is_dir(), proc, err,
                  "checkpoint step 4")
         with pytest.raises(SystemExit) as second:  # a second writer while the first runs
             train_cli.main(args)

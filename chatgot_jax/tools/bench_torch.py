@@ -23,11 +23,14 @@ from chatgot_jax.config import Config
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with decay on parameters of two or more dimensions, as optim.decay_mask."""
+    """AdamW with decay on the parameters optim.decay_mask names: those of two or more
+    dimensions (train.decay=matrices), or all of them (train.decay=all)."""
     params = list(model.parameters())
     t = cfg.train
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    decayed = [p.ndim >= 2 or t.decay == "all" for p in params]
+    groups = [{"params": [p for p, d in zip(params, decayed) if d],
+               "weight_decay": t.weight_decay},
+              {"params": [p for p, d in zip(params, decayed) if not d], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
 
 

@@ -78,6 +78,39 @@ class ChatGoT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class Original(nn.Module):
+    """The original ChatGoT's main-line model (its code from 2025-03-29 on, the `craft`
+    layout of torch_weights.py), with its own tensor names: token embeddings scaled by
+    sqrt(d_model) plus learned positions, dropout, an nn.TransformerDecoder (pre-LN,
+    exact GELU) fed a zero-LENGTH memory (its cross-attention adds only out_proj.bias),
+    the decoder's final LayerNorm, and an output Linear without bias."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.d_model
+        self.d_model = D
+        self.token_embedding = nn.Embedding(cfg.vocab_size, D)
+        self.position_embedding = nn.Embedding(cfg.max_seq_length, D)
+        self.dropout = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerDecoderLayer(D, cfg.n_head, cfg.d_hid, cfg.dropout,
+                                           activation="gelu", batch_first=True,
+                                           norm_first=True, layer_norm_eps=cfg.layer_norm_eps)
+        self.transformer_decoder = nn.TransformerDecoder(
+            layer, cfg.n_layers, norm=nn.LayerNorm(D, eps=cfg.layer_norm_eps))
+        self.output_layer = nn.Linear(D, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) int64 token ids -> (B, T, V) logits."""
+        B, T = tokens.shape
+        x = self.token_embedding(tokens) * math.sqrt(self.d_model)
+        x = self.dropout(x + self.position_embedding(torch.arange(T, device=tokens.device)))
+        memory = x.new_zeros(B, 0, self.d_model)
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device,
+                                                              dtype=x.dtype)
+        return self.output_layer(self.transformer_decoder(x, memory, tgt_mask=mask,
+                                                          tgt_is_causal=True))
+
+
 def build(cfg, layout: str = "decoder") -> ChatGoT:
     """A ChatGoT of a chatgot_jax ModelConfig's shape and numerics (float32, random init)."""
     return ChatGoT(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_head, cfg.d_hid,
