@@ -163,7 +163,7 @@ def run(args) -> dict:
             print(f"interrupted: the runs in {out} keep their last checkpoints; run the same "
                   f"command to resume the sweep")
             return {}
-        print(f"trained {len(points)} runs in {time.time() - t0:.0f} s")
+        print(f"{len(points)} runs done in {time.time() - t0:.0f} s")
         return sweep_report.write(out, points, args.final_eval)
     finally:
         lock.release()
