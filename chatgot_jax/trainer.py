@@ -86,6 +86,7 @@ class Group:
     step: int  # optimizer steps done
     t_start: float
     interrupted: bool = False
+    start_step: int = 0  # the step this start resumed from
 
     def active(self) -> list[tuple[int, Member]]:
         return [(k, m) for k, m in enumerate(self.members) if m.problem is None]
@@ -152,7 +153,8 @@ def setup(members: list[Member], command) -> Group:
     group = Group(members, cfg, mesh, program, program.stack(states),
                   train_lib.ResidentBatches(cfg, mesh, data.train_tokens,
                                             seeds[0] if len(seeds) == 1 else seeds),
-                  validation_batches(data, cfg.train.batch_size, mesh), step, t_start)
+                  validation_batches(data, cfg.train.batch_size, mesh), step, t_start,
+                  start_step=step)
     for m in members:
         m.saved_step = step if step else None
     print_header(group)
@@ -373,14 +375,18 @@ def finish(group: Group) -> list[dict]:
         if m.problem is None:
             final_sample(group, k, m, best)
         best_val = min(m.best_val, best[0] if best else math.inf)
+        wall = time.time() - group.t_start
         summaries.append(summary_of(m, group.step, best_val if math.isfinite(best_val) else None,
-                                    wall_time_s=time.time() - group.t_start,
-                                    interrupted=group.interrupted))
+                                    wall_time_s=wall, interrupted=group.interrupted))
+        trained = (train_lib.tokens_trained(m.cfg, group.step)
+                   - train_lib.tokens_trained(m.cfg, group.start_step))
+        summaries[-1]["tokens_per_s"] = trained / wall  # compilation, evaluation included
     m, s = group.members[0], summaries[0]
     if len(group.members) == 1 and m.problem is None and jax.process_index() == 0:
         bpc = "n/a" if s["best_val_bpc"] is None else f"{s['best_val_bpc']:.4f}"
-        print(f"done: {s['steps']} steps, {s['tokens']:,} tokens, {s['wall_time_s']:.0f} s, "
-              f"best val {bpc} bits/char\n"
+        print(f"done: {s['steps']} steps, {s['tokens']:,} tokens, {s['wall_time_s']:.0f} s "
+              f"({s['tokens_per_s']:,.0f} tokens/s this start, compilation and evaluation "
+              f"included), best val {bpc} bits/char\n"
               f"checkpoints: {s['checkpoint']}\n"  # the prompt is the run's own (prompt.txt):
               f"next: chatgot-sample --checkpoint {shlex.quote(str(m.run_dir))}")  # one line
     return summaries
@@ -393,5 +399,5 @@ def summary_of(m: Member, step: int, best_val: float | None, wall_time_s: float,
         "wall_time_s": wall_time_s, "best_val_loss": best_val,
         "best_val_bpc": None if best_val is None else best_val / math.log(2),
         "checkpoint": str(m.run_dir / ckpt.CKPT_SUBDIR), "interrupted": interrupted,
-        "diverged": m.problem,
+        "diverged": m.problem, "tokens_per_s": None,
     }

@@ -170,3 +170,37 @@ def test_bench_torch_reports_a_ratio(capsys):
     assert result["timed_steps"] == 4 and result["torch_params"] == result["params"]
     assert result["torch_layout"] == "encoder"
     assert "JAX/PyTorch" in out and "torch tokens/s" in out
+
+
+def test_shapes_needs_torch_and_tabulates_the_ratios(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--shapes"])
+    assert exc.value.code == 2
+    assert "--shapes compares with PyTorch: add --torch" in capsys.readouterr().err
+    seen = []
+
+    def fake_bench_train(cfg, steps, warmup, compile_only, torch, rounds):
+        seen.append((cfg.model.d_model, cfg.train.batch_size, cfg.model.max_seq_length, torch,
+                     rounds))
+        return {"step_ms": 2.0, "torch_step_ms": 3.0, "jax_torch_ratio": 1.5}
+
+    monkeypatch.setattr(bench, "bench_train", fake_bench_train)
+    results = bench.main(["--torch", "--shapes", "--rounds", "3"])
+    assert seen == [(32, 16, 64, True, 3), (256, 16, 64, True, 3), (256, 8, 256, True, 3)]
+    assert [r["shape"] for r in results] == [name for name, _, _ in bench.SHAPES]
+    assert "| the default recipe (16 x 64, d_hid 512) | 2.0 | 3.0 | 1.50x |" in \
+        capsys.readouterr().out
+
+
+def test_profile_step_times_every_operation(capsys):
+    pytest.importorskip("torch")
+    from chatgot_jax.tools import profile_step
+
+    result = profile_step.main(["--steps", "2", "--torch", "--top", "3", *MICRO])
+    jx, pt = result["jax"], result["torch"]
+    assert jx["ops_ms"] > 0 and jx["by_category"]["matmul"] > 0
+    assert abs(sum(jx["by_category"].values()) - jx["ops_ms"]) < 1e-6
+    assert jx["hlo"]["fusions"] > 0 and jx["hlo"]["dots"] > 0
+    assert pt["by_category"]["matmul"] > 0 and pt["ops_per_step"] > 0
+    out = capsys.readouterr().out
+    assert "| matmul |" in out and "Top 3 JAX operations" in out

@@ -10,6 +10,9 @@ train (default)  the real jitted train step (dropout, AdamW, MultiSteps,
 --torch          also the PyTorch baseline (bench_torch.py), in the same process,
                  runs alternated JAX, PyTorch, JAX, ... (--rounds of --steps steps).
 --mode sample    cached decoding (sampling.generate_ids) on random weights.
+--shapes         with --torch: the JAX/PyTorch ratio at three shapes in one invocation
+                 (SHAPES: micro, the default recipe, the design doc's tiny), each
+                 alternated JAX, PyTorch, ... for --rounds of --steps steps.
 --grid SPEC      one fresh subprocess per point of a product of overrides, e.g.
                  "model.remat=none,full model.compute_dtype=float32,bfloat16";
                  writes a markdown table and a PNG bar chart.
@@ -182,6 +185,28 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, compile_only: b
     return result
 
 
+# --shapes: (name, variant, overrides) of the three shapes JAX is compared with PyTorch at.
+SHAPES = (
+    ("micro (d_model 32, 1 layer, 16 x 64)", "tiny",
+     ["model.d_model=32", "model.n_layers=1", "model.d_hid=128"]),
+    ("the default recipe (16 x 64, d_hid 512)", "tiny", []),
+    ("the design doc's tiny (8 x 256, d_hid 1024, dropout 0.1)", "tiny-doc",
+     ["train.batch_size=8"]),
+)
+
+
+def bench_shapes(steps: int, warmup: int, rounds: int, overrides) -> list[dict]:
+    """bench_train with --torch at each of SHAPES -> one result per shape."""
+    results = []
+    for name, variant, shape in SHAPES:
+        cfg = config_lib.load_config(variant, overrides=[*shape, *overrides])
+        results.append({"shape": name, **bench_train(cfg, steps, warmup, False, True, rounds)})
+        r = results[-1]
+        print(f"{name}: JAX {r['step_ms']:.1f} ms, PyTorch {r['torch_step_ms']:.1f} ms, "
+              f"JAX/PyTorch {r['jax_torch_ratio']:.2f}x", flush=True)
+    return results
+
+
 def bench_sample(cfg: config_lib.Config, new_tokens: int | None, num_samples: int,
                  rounds: int, prompt_len: int) -> dict:
     """Decode throughput of generate_ids: one warm-up call, then `rounds` timed calls."""
@@ -256,6 +281,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--rounds", type=int, help="timed rounds: alternated with --torch "
                    "(default 4), timed generate calls in sample mode (default 3), else 1")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch baseline")
+    p.add_argument("--shapes", action="store_true",
+                   help="with --torch: the ratio at the micro, default and doc tiny shapes")
     p.add_argument("--compile-only", action="store_true",
                    help="compile and report memory_analysis() without running")
     p.add_argument("--num-samples", type=int, default=1, help="sample mode: batch rows")
@@ -280,6 +307,14 @@ def run(args):
         raise UserError("--torch and --compile-only are for --mode train")
     if args.grid:
         return grid_main(args)
+    if args.shapes:
+        if not args.torch or args.mode != "train":
+            raise UserError("--shapes compares with PyTorch: add --torch (train mode)")
+        results = bench_shapes(args.steps, args.warmup, args.rounds or 4, args.overrides)
+        print(report.shapes_markdown(results))
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+        return results
     cfg = config_lib.load_config(args.variant, overrides=args.overrides)
     if args.mode == "sample":
         out = bench_sample(cfg, args.new_tokens, args.num_samples, args.rounds or 3,

@@ -64,3 +64,12 @@ def grid_markdown(points: list[list[str]], results: list[dict], title: str) -> s
                  else [cell(r, key, fmt) for key, _, fmt in columns])
         lines.append("| " + " | ".join(values + cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def shapes_markdown(results: list[dict]) -> str:
+    """bench --shapes: the JAX/PyTorch table (medians of the alternated steps)."""
+    lines = ["| shape | JAX ms/step | PyTorch ms/step | JAX/PyTorch (speed) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['step_ms']:.1f} | {r['torch_step_ms']:.1f} "
+              f"| {r['jax_torch_ratio']:.2f}x |" for r in results]
+    return "\n".join(lines)
