@@ -25,7 +25,9 @@ METRICS = {"val": "final validation loss over the run's fixed windows (metrics.j
 
 
 def read_config(run_dir: pathlib.Path) -> dict:
-    """{"section.field": value} of a run's config.json; UserError if it has none."""
+    """{"section.field": value} of a run's config.json, plus "run.side": "pytorch" for a
+    run tools/torch_train.py trained (its torch.json says so), else "jax"; UserError if
+    it has no config.json."""
     path = pathlib.Path(run_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -33,7 +35,9 @@ def read_config(run_dir: pathlib.Path) -> dict:
         raise UserError(f"{run_dir} is not a run directory (no config.json)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    return {f"{s}.{k}": v for s, fields in cfg.items() for k, v in fields.items()}
+    side = "pytorch" if (pathlib.Path(run_dir) / "torch.json").is_file() else "jax"
+    return {"run.side": side,
+            **{f"{s}.{k}": v for s, fields in cfg.items() for k, v in fields.items()}}
 
 
 SEEDS = tuple(f"train.{k}" for k in config_lib.SEED_FIELDS)
