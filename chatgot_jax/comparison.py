@@ -42,6 +42,13 @@ def read_config(run_dir: pathlib.Path) -> dict:
 
 SEEDS = tuple(f"train.{k}" for k in config_lib.SEED_FIELDS)
 
+# Fields that change what a run logs or keeps, never what it trains: runs that differ
+# only in these (a sweep turns evaluation samples off, train.py leaves them on) are one
+# config. max_steps, eval_windows and the rest of config.BOOKKEEPING can change the
+# figure compared, so they still separate groups.
+NOT_COMPARED = ("train.sample_tokens", "train.log_every", "train.eval_every",
+                "train.save_every", "train.keep")
+
 
 def seeds_of(flat: dict) -> tuple[int, int, int]:
     """(init, data, dropout) seed of a run's flat config (-1 means train.seed)."""
@@ -52,7 +59,7 @@ def seeds_of(flat: dict) -> tuple[int, int, int]:
 
 def group_runs(dirs, by: list[str] | None = None) -> dict[str, list[pathlib.Path]]:
     """Run directories grouped: by default those whose configs differ only in seeds
-    (labelled by the fields in which the groups differ), else by the values of the named
+    and NOT_COMPARED fields (labelled by the fields in which the groups differ), else by the values of the named
     fields. UserError for a field no run has."""
     dirs = [pathlib.Path(d) for d in dirs]
     configs = [read_config(d) for d in dirs]
@@ -63,7 +70,7 @@ def group_runs(dirs, by: list[str] | None = None) -> dict[str, list[pathlib.Path
                                 f"section.field, e.g. train.lr)")
         keys = list(by)
     else:
-        keys = sorted({k for c in configs for k in c if k not in SEEDS
+        keys = sorted({k for c in configs for k in c if k not in (*SEEDS, *NOT_COMPARED)
                        and len({json.dumps(o.get(k)) for o in configs}) > 1})
     groups: dict[str, list[pathlib.Path]] = {}
     for d, c in zip(dirs, configs):

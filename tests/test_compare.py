@@ -10,7 +10,8 @@ import pytest
 from scipy import stats as sps
 
 from chatgot_jax import checkpoint as ckpt
-from chatgot_jax import compare, evaluate, evaluation, stats, sweep, train_cli
+from chatgot_jax import compare, comparison, evaluate, evaluation, stats, sweep, train_cli
+from chatgot_jax import config as config_lib
 from chatgot_jax.model import Decoder
 from conftest import MICRO_OVERRIDES
 
@@ -223,3 +224,25 @@ def test_sweep_report_over_seeds(corpus, tmp_path, capsys):
     assert "| config | seeds | nats/char: mean [95% CI] |" in table
     assert "full-split validation loss of the final checkpoint" in table
     assert f"| {best['config']} | 3 |" in table and "| best |" in table
+
+
+def test_runs_that_differ_only_in_what_they_log_are_one_config(tmp_path):
+    """Seeds and logging fields do not split a group; a training field or the side does."""
+    def run(name, side="jax", **train):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = config_lib.load_config("tiny", overrides=[f"train.{k}={v}"
+                                                        for k, v in train.items()])
+        (d / "config.json").write_text(json.dumps(config_lib.to_dict(cfg)))
+        if side == "pytorch":
+            (d / "torch.json").write_text("{}")
+        return d
+
+    same = [run("a", seed=0, sample_tokens=0, log_every=5),
+            run("b", seed=1, sample_tokens=200, eval_every=7, save_every=9, keep=2)]
+    assert list(comparison.group_runs(same).values()) == [same]
+    other = run("c", seed=0, lr=0.01)
+    torch_run = run("d", "pytorch", seed=0, sample_tokens=0)
+    groups = comparison.group_runs([*same, other, torch_run])
+    assert sorted(map(len, groups.values())) == [1, 1, 2]
+    assert all("sample_tokens" not in label for label in groups)
