@@ -1,7 +1,7 @@
 """Comparisons of runs over seeds: runs grouped by config, each group's mean with its 95%
 interval, and each group against the best one, paired by seed.
 
-    group_runs(dirs, by)       {label: [run dir]}: by config (every field but the seeds),
+    group_runs(dirs, by)       {label: [run dir]}: by config (all but seeds and logging),
                                or by the named fields only
     seeds_of(run_dir)          the run's (init, data, dropout) seeds: runs that share them
                                share their initial weights, batches and dropout masks
@@ -58,9 +58,9 @@ def seeds_of(flat: dict) -> tuple[int, int, int]:
 
 
 def group_runs(dirs, by: list[str] | None = None) -> dict[str, list[pathlib.Path]]:
-    """Run directories grouped: by default those whose configs differ only in seeds
-    and NOT_COMPARED fields (labelled by the fields in which the groups differ), else by the values of the named
-    fields. UserError for a field no run has."""
+    """Run directories grouped: by default those whose configs differ only in seeds and
+    NOT_COMPARED fields (labelled by the fields in which the groups differ), else by the
+    values of the named fields. UserError for a field no run has."""
     dirs = [pathlib.Path(d) for d in dirs]
     configs = [read_config(d) for d in dirs]
     if by:
