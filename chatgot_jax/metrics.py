@@ -127,8 +127,9 @@ class MetricsBuffer:
     Either returns one record per fetched interval, oldest first, for R runs (the
     step's metrics are scalars for one run, (R,) arrays for a group): per run the
     mean loss and gradient norm and the last lr ((R,) arrays), the step of the
-    interval's last update ("step"), tokens/s of one run over the interval's host
-    time (the run's first step and restart_clock() pauses left out), "finite"
+    interval's last update ("step"), tokens/s of one run over the interval's time
+    (from the previous interval's last step seen done to its own; the run's first step
+    and restart_clock() pauses left out), "finite"
     ((R,) bools: no non-finite loss or gradient norm in the interval) and
     "problems" ({run index: "the loss became nan at step N"} for the others).
     """
@@ -136,8 +137,12 @@ class MetricsBuffer:
     def __init__(self, tokens_per_micro: int):
         self.tokens_per_micro = tokens_per_micro
         self.pending = []  # the open interval's metrics
-        self.closed = []  # closed intervals, not fetched yet: (metrics, timed, seconds)
-        self.t_last = time.time()
+        self.closed = []  # closed intervals, not fetched yet: (metrics, timed steps)
+        # When the device was last known to have finished everything queued (or the clock
+        # was restarted): an interval's time runs from there to when its last step is
+        # seen done. Host time between closes would count the dispatch of steps that
+        # the device has not run yet, which early in a run is far too short.
+        self.t_done = time.time()
         self.untimed = 0
         self.first_step_s = None
 
@@ -146,34 +151,37 @@ class MetricsBuffer:
         if self.first_step_s is not None:
             return None
         jax.block_until_ready(metrics)
-        self.first_step_s = time.time() - self.t_last
-        self.t_last, self.untimed = time.time(), 1
+        self.first_step_s = time.time() - self.t_done
+        self.t_done, self.untimed = time.time(), 1
         return self.first_step_s
 
     def restart_clock(self) -> None:
-        """Evaluation and saving are not training time."""
-        self.t_last = time.time()
+        """Evaluation and saving are not training time (the loop calls this after a full
+        flush, with nothing queued)."""
+        self.t_done = time.time()
 
     def drop(self) -> None:
         self.pending, self.closed = [], []
 
     def _close(self) -> None:
         if self.pending:
-            now = time.time()
-            self.closed.append((self.pending, len(self.pending) - self.untimed,
-                                now - self.t_last))
-            self.pending, self.t_last, self.untimed = [], now, 0
+            self.closed.append((self.pending, len(self.pending) - self.untimed))
+            self.pending, self.untimed = [], 0
 
     def flush(self, lagged: bool = False) -> list[dict]:
         """Closes the open interval -> one record per fetched interval, oldest first."""
         self._close()
         take = self.closed[:-1] if lagged else self.closed
         self.closed = self.closed[len(take):]
-        if not take:
-            return []
-        fetched = jax.device_get([metrics for metrics, _, _ in take])
-        return [self._record(metrics, timed, seconds)
-                for metrics, (_, timed, seconds) in zip(fetched, take)]
+        seconds = []
+        for metrics, _ in take:  # each step waits for the one before it
+            jax.block_until_ready(metrics[-1])
+            now = time.time()
+            seconds.append(now - self.t_done)
+            self.t_done = now
+        fetched = jax.device_get([metrics for metrics, _ in take])
+        return [self._record(metrics, timed, s)
+                for metrics, (_, timed), s in zip(fetched, take, seconds)]
 
     def _record(self, fetched: list, timed: int, seconds: float) -> dict:
         def per_run(name):  # (micro-steps, runs)

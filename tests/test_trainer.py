@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,36 @@ def test_lagged_flush_fetches_all_but_the_newest_interval():
     # A full flush fetches the rest, one record per interval: step 3, then steps 4-5.
     assert [(r["step"], *r["loss"]) for r in buffer.flush()] == [(3, 6.0), (5, 9.0)]
     assert buffer.flush() == [] and buffer.flush(lagged=True) == []
+
+
+def test_tokens_per_s_counts_the_devices_time_not_the_dispatch():
+    """Steps are dispatched faster than the device runs them: an interval's time runs
+    until its last step is done, so tokens/s is never above what the device can do.
+    (Timed by the host between closes, 9 queued steps took ~0 s: a rate many times
+    too high.)"""
+    @jax.jit
+    def step(x):  # -> (the next state, this step's metrics), as the train step gives
+        for _ in range(4):
+            x = jnp.tanh(x @ x)
+        return x, {"loss": x[0, 0], "grad_norm": x[0, 1], "lr": x[0, 2],
+                   "opt_step": jnp.int32(1)}
+
+    x, m = step(jnp.full((512, 512), 1.0 / 512, jnp.float32))
+    times = []
+    for _ in range(3):  # what the device needs for 9 steps, at its least disturbed
+        t = time.perf_counter()
+        for _ in range(9):
+            x, m = step(x)
+        jax.block_until_ready(x)
+        times.append(time.perf_counter() - t)
+    nine_steps_s = min(times)
+    buffer = MetricsBuffer(tokens_per_micro=1000)
+    buffer.add(m)  # the run's first step, timed alone
+    for _ in range(9):
+        x, m = step(x)
+        buffer.add(m)
+    [record] = buffer.flush()
+    assert record["tokens_per_s"] <= 9 * 1000 / (0.5 * nine_steps_s)
 
 
 def test_a_non_finite_step_in_the_newest_interval_waits_for_the_full_flush():
