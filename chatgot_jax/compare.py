@@ -5,10 +5,10 @@
 
 DIR is a run directory (train.py's, a sweep's, a converted one) or a sweep
 directory (each of its runs). Runs are grouped by config: every field but the
-seeds and those that only steer logging (comparison.NOT_COMPARED) by default,
-or only the fields named with --by. Each group's figure is
-the mean over its runs with a 95% Student-t interval; every group is compared
-with the best one, paired by seed (chatgot_jax.comparison, docs/sweeps.md).
+seeds and those that steer only logging (comparison.NOT_COMPARED) by default,
+or only the fields named with --by. Each group's figure is the mean over its
+runs with a 95% Student-t interval; every group is compared with the best one,
+paired by seed (chatgot_jax.comparison, docs/sweeps.md).
 --metric val (default) reads each run's final windowed validation loss from
 its metrics.jsonl; --metric full evaluates its final checkpoint on the whole
 validation split (chatgot_jax.evaluate, remembered in the run directory).
@@ -75,8 +75,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories")
     p.add_argument("--by", nargs="+", metavar="FIELD",
                    help="group by these config fields only (e.g. train.lr); default: every "
-                        "field but the seeds and the logging fields (train.sample_tokens, "
-                        "log_every, eval_every, save_every, keep)")
+                        "field but the seeds and those that steer only logging ("
+                        + ", ".join(comparison.NOT_COMPARED) + ")")
     p.add_argument("--metric", choices=sorted(comparison.METRICS), default="val",
                    help="val: final windowed validation loss; full: the whole validation "
                         "split, evaluated (default val)")

@@ -128,10 +128,10 @@ class MetricsBuffer:
     step's metrics are scalars for one run, (R,) arrays for a group): per run the
     mean loss and gradient norm and the last lr ((R,) arrays), the step of the
     interval's last update ("step"), tokens/s of one run over the interval's time
-    (from the previous interval's last step seen done to its own; the run's first step
-    and restart_clock() pauses left out), "finite"
-    ((R,) bools: no non-finite loss or gradient norm in the interval) and
-    "problems" ({run index: "the loss became nan at step N"} for the others).
+    (from the previous interval's last step seen done to its own; the run's first
+    step and restart_clock() pauses left out), "finite" ((R,) bools: no non-finite
+    loss or gradient norm in the interval) and "problems" ({run index: "the loss
+    became nan at step N"} for the others).
     """
 
     def __init__(self, tokens_per_micro: int):
