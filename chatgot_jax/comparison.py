@@ -5,6 +5,7 @@ interval, and each group against the best one, paired by seed.
                                or by the named fields only
     seeds_of(run_dir)          the run's (init, data, dropout) seeds: runs that share them
                                share their initial weights, batches and dropout masks
+                               (a PyTorch run, tools.torch_train: not the masks)
     final_val(run_dir)         the last windowed validation loss in metrics.jsonl
     report(groups, metric)     the statistics (chatgot_jax.stats) of {label: [(seeds, value)]}
     markdown(report)           the report as a table, best first
@@ -150,10 +151,11 @@ def markdown(rep: dict) -> str:
     notes = ["", f"Metric: {rep['metric_means']}. Mean over each config's seeds with its 95% "
              f"Student-t interval. Each config is compared with the best one (the lowest "
              f"mean): paired = the mean of the seed-by-seed differences (runs with the same "
-             f"seeds share their initial weights, batches and dropout masks), its 95% "
-             f"interval and the paired t-test's two-sided p-value, over the seeds both have; "
-             f"Welch = the difference of the means with Welch's unpaired t-test, shown when "
-             f"the two do not have the same seeds. Verdict: better or worse at p < 0.05 "
+             f"seeds share their initial weights, batches and dropout masks; a PyTorch run "
+             f"started from a JAX run's weights shares them and its batches, not its masks), "
+             f"its 95% interval and the paired t-test's two-sided p-value, over the seeds "
+             f"both have; Welch = the difference of the means with Welch's unpaired t-test, "
+             f"shown when the two do not have the same seeds. Verdict: better or worse at p < 0.05 "
              f"(from the paired test when every seed is shared, else Welch's), otherwise "
              f"not distinguishable at these seeds."]
     return "\n".join(lines + notes) + "\n"
