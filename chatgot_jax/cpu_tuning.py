@@ -26,8 +26,10 @@ GLIBC_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 def glibc_malloc_tunables() -> str:
     """GLIBC_TUNABLES for XLA's allocation pattern (see GLIBC_MALLOC)."""
     return f"glibc.malloc.arena_max={max(2, os.cpu_count() or 1)}:{GLIBC_MALLOC}"
-# XLA:CPU's YNNPACK fusions are slower than XLA's own dot emitters for this model.
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+# YNNPACK for XLA:CPU's matrix products only: its other fusions are slower than XLA's own
+# emitters for this model, and XLA's own dot cannot take bfloat16 x bfloat16 -> float32
+# (model.bf16_product), which YNNPACK runs on AMX where the CPU has it.
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 
 def prepare_process() -> None:
@@ -44,7 +46,8 @@ def prepare_process() -> None:
 
 
 def set_xla_flags(environ=os.environ) -> None:
-    """Turns XLA:CPU's YNNPACK fusions off unless XLA_FLAGS already choose."""
+    """YNNPACK for XLA:CPU's matrix products only (YNN_FLAG), unless XLA_FLAGS already
+    choose."""
     flags = environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
         environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}".strip()
@@ -86,12 +89,35 @@ def use_fast_allocator() -> None:
 
 
 @functools.cache
-def has_avx512() -> bool:
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
     except OSError:
-        return False
+        pass
+    return frozenset()
+
+
+def has_avx512() -> bool:
+    return "avx512f" in cpu_flags()
+
+
+def ynn_dots_enabled(environ=os.environ) -> bool:
+    """Whether XLA:CPU hands matrix products to YNNPACK: XLA_FLAGS' last
+    xla_cpu_experimental_ynn_fusion_type names a DOT type, or none is given (XLA's default
+    includes them)."""
+    flags = environ.get("XLA_FLAGS", "").split()
+    values = [f.partition("=")[2] for f in flags
+              if f.lstrip("-").startswith("xla_cpu_experimental_ynn_fusion_type=")]
+    return not values or "DOT" in values[-1].upper()
+
+
+def has_amx_bf16() -> bool:
+    """Intel AMX with bfloat16 tiles (Sapphire Rapids and later)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def sampling_compiler_options() -> dict:

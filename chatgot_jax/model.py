@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from chatgot_jax import cpu_tuning
 from chatgot_jax.config import ModelConfig
 from chatgot_jax.errors import UserError
 from chatgot_jax.prng import random_bits
@@ -66,9 +67,67 @@ def dropout(x, rate, rng):
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
+def matmul_dtype(cfg: ModelConfig, backend: str | None = None) -> str:
+    """The dtype of the dense layers' operands: the compute dtype when it is bfloat16,
+    else cfg.matmul_dtype with auto resolved to bfloat16 on a CPU with AMX (YNNPACK
+    taking XLA's products), float32 elsewhere.
+
+    XLA:CPU's own dot has no bfloat16 x bfloat16 -> float32 product; YNNPACK runs it,
+    on AMX ~4x faster than a float32 product (docs/performance.md).
+    """
+    if cfg.compute_dtype == "bfloat16":
+        return "bfloat16"
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    if cfg.matmul_dtype != "auto":
+        dtype = cfg.matmul_dtype
+    else:
+        amx = on_cpu and cpu_tuning.has_amx_bf16() and cpu_tuning.ynn_dots_enabled()
+        dtype = "bfloat16" if amx else "float32"
+    if dtype == "bfloat16" and on_cpu and not cpu_tuning.ynn_dots_enabled():
+        raise UserError("model.matmul_dtype=bfloat16 needs XLA:CPU's YNNPACK products, which "
+                        "XLA_FLAGS turns off (xla_cpu_experimental_ynn_fusion_type): use "
+                        "model.matmul_dtype=float32")
+    return dtype
+
+
+@jax.custom_vjp
+def bf16_product(x_xD, w_DxF):
+    """x @ w with bfloat16 operands, accumulated and returned in float32; the gradients
+    are the same kind of products of the float32 cotangent rounded to bfloat16, returned
+    in float32 (no rounding of the weight gradient, unlike autocast)."""
+    return _bf16_dot(x_xD.astype(jnp.bfloat16), w_DxF.astype(jnp.bfloat16), "...d,df->...f")
+
+
+def _bf16_dot(a, b, spec):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _bf16_product_fwd(x_xD, w_DxF):
+    x, w = x_xD.astype(jnp.bfloat16), w_DxF.astype(jnp.bfloat16)
+    return _bf16_dot(x, w, "...d,df->...f"), (x, w)
+
+
+def _bf16_product_bwd(saved, g_xF):
+    x, w = saved
+    g = g_xF.astype(jnp.bfloat16)
+    return _bf16_dot(g, w, "...f,df->...d"), _bf16_dot(x, g, "...d,...f->df")
+
+
+bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
+
+
+def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """nn.Dense's dot_general as bf16_product (float32 lhs and kernel)."""
+    del precision, preferred_element_type
+    assert dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())), dimension_numbers
+    return bf16_product(lhs, rhs)
+
+
 def dense(features: int, cfg: ModelConfig, name: str, std: float = 0.02):
+    mixed = cfg.compute_dtype == "float32" and matmul_dtype(cfg) == "bfloat16"
     return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(std), name=name)
+                    kernel_init=nn.initializers.normal(std), name=name,
+                    dot_general=bf16_dot_general if mixed else None)
 
 
 def layer_norm(cfg: ModelConfig, name: str):

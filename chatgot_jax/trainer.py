@@ -41,6 +41,7 @@ from chatgot_jax import runs as runs_lib
 from chatgot_jax import train_lib
 from chatgot_jax.errors import Diverged, RunError, UserError
 from chatgot_jax.metrics import MetricsBuffer
+from chatgot_jax.model import matmul_dtype
 from chatgot_jax.runs import Member
 
 
@@ -169,7 +170,8 @@ def print_header(group: Group) -> None:
     if jax.process_index() == 0:
         tqdm.write(f"model: {n_params:,} parameters | vocab {data.tokenizer.vocab_size} | "
                    f"{len(data.train_tokens):,} train / {data.val_chars:,} val chars | "
-                   f"{group.mesh.devices.size} device(s) {jax.devices()[0].platform} | batch "
+                   f"{group.mesh.devices.size} device(s) {jax.devices()[0].platform}, "
+                   f"{matmul_dtype(cfg.model)} products | batch "
                    f"{t.batch_size} x {t.grad_accum} accum x {cfg.model.max_seq_length} | "
                    f"{where}" + (f" | resuming at step {group.step}" if group.step else ""))
     for m in group.members:

@@ -28,9 +28,11 @@ from chatgot_jax import config as config_lib  # noqa: E402
 from chatgot_jax.config import ModelConfig  # noqa: E402
 
 # The micro model of every test: a ModelConfig's fields, and the same as overrides.
-# Dropout on (the default recipe has none) so that the tests exercise it.
+# Dropout on (the default recipe has none) so that the tests exercise it. float32
+# products: the parity tests' tolerances are float32's on every CPU (auto would pick
+# bfloat16 products on one with AMX; test_precision.py tests those).
 MICRO = dict(vocab_size=40, d_model=32, n_layers=2, n_head=4, d_hid=64, max_seq_length=32,
-             dropout=0.1)
+             dropout=0.1, matmul_dtype="float32")
 MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO.items() if k != "vocab_size"]
 
 

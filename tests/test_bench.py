@@ -179,17 +179,25 @@ def test_shapes_needs_torch_and_tabulates_the_ratios(capsys, monkeypatch):
     assert "--shapes compares with PyTorch: add --torch" in capsys.readouterr().err
     seen = []
 
-    def fake_bench_train(cfg, steps, warmup, compile_only, torch, rounds):
+    def fake_bench_train(cfg, steps, warmup, compile_only, torch, rounds, float32_too):
         seen.append((cfg.model.d_model, cfg.train.batch_size, cfg.model.max_seq_length, torch,
-                     rounds))
-        return {"step_ms": 2.0, "torch_step_ms": 3.0, "jax_torch_ratio": 1.5}
+                     rounds, float32_too))
+        result = {"step_ms": 2.0, "torch_step_ms": 3.0, "jax_torch_ratio": 1.5,
+                  "matmul_dtype": "bfloat16"}
+        if cfg.model.d_model == 256:  # where products were bfloat16, also float32's
+            result.update({"f32_step_ms": 6.0, "f32_torch_ratio": 0.5})
+        return result
 
     monkeypatch.setattr(bench, "bench_train", fake_bench_train)
     results = bench.main(["--torch", "--shapes", "--rounds", "3"])
-    assert seen == [(32, 16, 64, True, 3), (256, 16, 64, True, 3), (256, 8, 256, True, 3)]
+    assert seen == [(32, 16, 64, True, 3, True), (256, 16, 64, True, 3, True),
+                    (256, 8, 256, True, 3, True)]
     assert [r["shape"] for r in results] == [name for name, _, _ in bench.SHAPES]
-    assert "| the default recipe (16 x 64, d_hid 512) | 2.0 | 3.0 | 1.50x |" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ("| the default recipe (16 x 64, d_hid 512) | bfloat16 | 2.0 | 3.0 | 1.50x "
+            "| 6.0 | 0.50x |") in out
+    assert "| micro (d_model 32, 1 layer, 16 x 64) | bfloat16 | 2.0 | 3.0 | 1.50x " \
+           "| (the same) |  |" in out
 
 
 def test_profile_step_times_every_operation(capsys):
@@ -204,3 +212,15 @@ def test_profile_step_times_every_operation(capsys):
     assert pt["by_category"]["matmul"] > 0 and pt["ops_per_step"] > 0
     out = capsys.readouterr().out
     assert "| matmul |" in out and "Top 3 JAX operations" in out
+
+
+def test_bench_alternates_float32_products_where_they_are_bfloat16():
+    pytest.importorskip("torch")
+    cfg = config_lib.load_config("tiny", overrides=[*MICRO, "model.matmul_dtype=bfloat16"])
+    r = bench.bench_train(cfg, 2, 1, False, torch=True, rounds=1, float32_too=True)
+    assert r["matmul_dtype"] == "bfloat16" and r["timed_steps"] == 2
+    assert r["f32_step_ms"] > 0 and r["f32_torch_ratio"] == pytest.approx(
+        r["torch_step_ms"] / r["f32_step_ms"])
+    cfg = config_lib.load_config("tiny", overrides=[*MICRO, "model.matmul_dtype=float32"])
+    assert "f32_step_ms" not in bench.bench_train(cfg, 1, 1, False, torch=True,
+                                                  float32_too=True)

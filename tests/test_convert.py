@@ -73,7 +73,8 @@ def compare(cfg: ModelConfig, layout: str, batch: int = 2, seed: int = 0,
 
 
 def config(shape: dict, layout: str, **kw) -> ModelConfig:
-    return ModelConfig(**shape, memory=layout == "decoder", **kw)
+    """float32 products: the tolerances are float32's on every CPU."""
+    return ModelConfig(**{**shape, "matmul_dtype": "float32"}, memory=layout == "decoder", **kw)
 
 
 @pytest.mark.parametrize("layout", tw.LAYOUTS)
@@ -159,7 +160,9 @@ def test_cli_from_torch_and_back(saved, capsys, open_managers):
     assert open_managers == {}  # the converter closed the manager it wrote with
     params, loaded_cfg, tokenizer, step = load_for_inference(str(tmp / "run"))
     assert step == 0 and tokenizer.vocab_size == 40
-    assert dataclasses.replace(loaded_cfg.model, dropout=cfg.dropout) == cfg  # dropout: default
+    # dropout and matmul_dtype: the defaults
+    assert dataclasses.replace(loaded_cfg.model, dropout=cfg.dropout,
+                               matmul_dtype=cfg.matmul_dtype) == cfg
     tokens = np.random.default_rng(0).integers(0, 40, (2, cfg.max_seq_length))
     with torch.no_grad():
         ref = model(torch.from_numpy(tokens)).numpy()

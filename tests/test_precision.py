@@ -346,8 +346,19 @@ def test_dot_product_train_steps_match_einsum(params, batch, train):
     for a, b in zip(m_dot, m_ein):
         np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]],
                                    rtol=FP32_REL_TOL)
-    jax.tree.map(assert_fp32_close, p_dot, p_ein)
+    jax.tree.map(assert_fp32_close, without_key_bias(p_dot), without_key_bias(p_ein))
     assert max_moved(p_dot, params) > 1e-3  # the steps moved the params
+
+
+def without_key_bias(params):
+    """params with the key third of the qkv bias zeroed. Its gradient is zero in exact
+    arithmetic (q . b_k is the same for every key, and softmax ignores a constant), so
+    the two paths' float32 rounding noise is all it gets, which Adam scales to steps of
+    up to lr either way (up to 2.2e-4 apart here with YNNPACK's products)."""
+    out = jax.tree.map(np.array, params)
+    D = F32.model.d_model
+    out["blocks"]["qkv"]["bias"][:, D:2 * D] = 0.0
+    return out
 
 
 def test_dot_product_cached_greedy_matches_einsum_recompute(params):
@@ -360,3 +371,80 @@ def test_dot_product_cached_greedy_matches_einsum_recompute(params):
                                                       max_new_tokens=20)
     np.testing.assert_array_equal(ids[0], ref_ids)
     assert_fp32_close(logits[:, 0], ref_logits)
+
+
+# --- bfloat16 products in a float32 model (model.matmul_dtype) ---------------------
+
+MIXED = cfg_with("model.matmul_dtype=bfloat16")
+
+
+def bf16_round(a):
+    """a rounded to bfloat16, as float64 (for references)."""
+    return np.asarray(jax.numpy.asarray(a, jax.numpy.bfloat16), np.float64)
+
+
+def test_bf16_product_and_its_gradients_are_products_of_rounded_operands():
+    """bf16_product's value and both gradients are float32-accumulated products of
+    bfloat16-rounded operands (the cotangent rounded too), against float64 references;
+    the gradients come back in float32 without a second rounding."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 48)).astype(np.float32)
+    w = rng.standard_normal((48, 24)).astype(np.float32)
+    g = rng.standard_normal((2, 5, 24)).astype(np.float32)
+    y, vjp = jax.vjp(M.bf16_product, x, w)
+    dx, dw = vjp(g)
+    xr, wr, gr = bf16_round(x), bf16_round(w), bf16_round(g)
+    for got, want in ((y, xr @ wr), (dx, gr @ wr.T), (dw, np.einsum("btd,btf->df", xr, gr))):
+        assert got.dtype == np.float32
+        assert_fp32_close(got, want)
+    # Negative control: the float32 product of the unrounded operands is farther off
+    # than float32 accumulation explains.
+    assert np.max(np.abs(x.astype(np.float64) @ w - xr @ wr)) > 1e-2
+
+
+def test_bf16_matmul_logits_and_gradients_match_fp32(params, batch, fp32_logits, fp32_grads):
+    """Rounding only the dense layers' operands (4 products per block, the head stays
+    float32) stays within the bounds derived above for bfloat16 compute, which rounds
+    more often; the logits stay float32 and differ from float32's (bf16 in force)."""
+    logits = logits_of(MIXED, params, batch[0])
+    assert logits.dtype == np.float32
+    err = float(np.max(np.abs(logits - fp32_logits)))
+    assert U * float(np.std(fp32_logits)) < err <= logit_tolerance(fp32_logits), err
+    cos, rel = cos_and_rel(flat(fp32_grads), flat(grad_fn(MIXED)(params, MIXED, *batch)))
+    assert cos >= GRAD_COS_MIN and 0 < rel <= GRAD_REL_MAX, (cos, rel)
+
+
+def test_bf16_matmul_train_steps_track_fp32(params, batch, train):
+    """Two train steps with bfloat16 products: the same loss as float32 to bf16's
+    precision, and the params moved."""
+    p_mix, m_mix = train("model.matmul_dtype=bfloat16")
+    p_f32, m_f32 = train()
+    for a, b in zip(m_mix, m_f32):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=4 * U)
+    assert max_moved(p_mix, params) > 1e-3
+
+
+@pytest.mark.parametrize("backend, amx, flags, compute, want", [
+    ("cpu", True, "", "float32", "bfloat16"),  # XLA's default YNNPACK types include dots
+    ("cpu", True, "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+     "float32", "bfloat16"),
+    ("cpu", True, "--xla_cpu_experimental_ynn_fusion_type=", "float32", "float32"),
+    ("cpu", False, "", "float32", "float32"),
+    ("gpu", True, "", "float32", "float32"),
+    ("cpu", True, "", "bfloat16", "bfloat16"),
+    ("gpu", False, "", "bfloat16", "bfloat16"),
+])
+def test_auto_matmul_dtype(monkeypatch, backend, amx, flags, compute, want):
+    monkeypatch.setattr(M.cpu_tuning, "has_amx_bf16", lambda: amx)
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    cfg = cfg_with(f"model.compute_dtype={compute}", "model.matmul_dtype=auto").model
+    assert M.matmul_dtype(cfg, backend) == want
+
+
+def test_bf16_matmul_without_ynnpack_products_is_a_user_error(monkeypatch):
+    """XLA:CPU's own dot has no bfloat16 x bfloat16 -> float32 product: asked for while
+    XLA_FLAGS turns YNNPACK's off, one clear error instead of XLA's UNIMPLEMENTED."""
+    monkeypatch.setenv("XLA_FLAGS", "--a=1 --xla_cpu_experimental_ynn_fusion_type=")
+    with pytest.raises(M.UserError, match="matmul_dtype=float32"):
+        M.matmul_dtype(MIXED.model, "cpu")
+    assert M.matmul_dtype(MIXED.model, "gpu") == "bfloat16"

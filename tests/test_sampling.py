@@ -23,7 +23,7 @@ def tok():
 
 def micro_cfg(tok, **kw):
     base = dict(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_head=4, d_hid=64,
-                max_seq_length=64, dropout=0.0)
+                max_seq_length=64, dropout=0.0, matmul_dtype="float32")
     return ModelConfig(**{**base, **kw})
 
 

@@ -12,7 +12,9 @@ train (default)  the real jitted train step (dropout, AdamW, MultiSteps,
 --mode sample    cached decoding (sampling.generate_ids) on random weights.
 --shapes         with --torch: the JAX/PyTorch ratio at three shapes in one invocation
                  (SHAPES: micro, the default recipe, the design doc's tiny), each
-                 alternated JAX, PyTorch, ... for --rounds of --steps steps.
+                 alternated JAX, PyTorch, ... for --rounds of --steps steps; where
+                 model.matmul_dtype resolves to bfloat16 (auto on an AMX CPU), JAX
+                 with float32 products joins the alternation.
 --grid SPEC      one fresh subprocess per point of a product of overrides, e.g.
                  "model.remat=none,full model.compute_dtype=float32,bfloat16";
                  writes a markdown table and a PNG bar chart.
@@ -24,6 +26,7 @@ sequence length. On CPU the peak is a float32 / bfloat16 matmul measured by
 this command; on GPUs it is the dense tensor-core peak of the table below.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -41,6 +44,7 @@ import numpy as np
 from chatgot_jax import cli, train_lib
 from chatgot_jax import config as config_lib
 from chatgot_jax.errors import UserError
+from chatgot_jax.model import matmul_dtype
 from chatgot_jax import plot
 from chatgot_jax.tools import report
 from chatgot_jax.tools.params import count_params, state_bytes_per_device
@@ -115,6 +119,7 @@ class JaxTrainer:
         self.compiled = step_fn.lower(self.state, self.hyper, self.x, self.y).compile()
         self.metrics = None
         self.info = {"compile_s": time.perf_counter() - t0, **memory_figures(self.compiled),
+                     "matmul_dtype": matmul_dtype(cfg.model),
                      "devices": self.mesh.devices.size, "device": jax.devices()[0].device_kind,
                      "batch": B, "seq_len": T, "params": sum(count_params(cfg.model).values())}
         per_device = state_bytes_per_device(self.state)
@@ -151,7 +156,9 @@ def alternate(runners, rounds: int, steps: int) -> list[list[float]]:
 
 
 def bench_train(cfg: config_lib.Config, steps: int, warmup: int, compile_only: bool,
-                torch: bool = False, rounds: int = 1) -> dict:
+                torch: bool = False, rounds: int = 1, float32_too: bool = False) -> dict:
+    """float32_too: with torch, also JAX with float32 products (alternated with the two)
+    when cfg's resolve to bfloat16."""
     jx = JaxTrainer(cfg)
     result = dict(jx.info)
     if compile_only:
@@ -161,6 +168,9 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, compile_only: b
         from chatgot_jax.tools import bench_torch  # imports torch
         runners.append(bench_torch.TorchTrainer(cfg, jax.devices()[0].platform))
         result.update(runners[1].info)
+        if float32_too and result["matmul_dtype"] != "float32":
+            runners.append(JaxTrainer(dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, matmul_dtype="float32"))))
     for runner in runners:
         runner.run(warmup)
     times = alternate(runners, rounds, steps)
@@ -182,6 +192,9 @@ def bench_train(cfg: config_lib.Config, steps: int, warmup: int, compile_only: b
         torch_s = float(np.median(times[1]))
         result.update({"torch_step_ms": 1e3 * torch_s, "torch_tokens_per_s": B * T / torch_s,
                        "torch_loss": runners[1].loss, "jax_torch_ratio": torch_s / step_s})
+    if len(runners) == 3:
+        f32_s = float(np.median(times[2]))
+        result.update({"f32_step_ms": 1e3 * f32_s, "f32_torch_ratio": torch_s / f32_s})
     return result
 
 
@@ -200,10 +213,14 @@ def bench_shapes(steps: int, warmup: int, rounds: int, overrides) -> list[dict]:
     results = []
     for name, variant, shape in SHAPES:
         cfg = config_lib.load_config(variant, overrides=[*shape, *overrides])
-        results.append({"shape": name, **bench_train(cfg, steps, warmup, False, True, rounds)})
+        results.append({"shape": name, **bench_train(cfg, steps, warmup, False, True, rounds,
+                                                     float32_too=True)})
         r = results[-1]
-        print(f"{name}: JAX {r['step_ms']:.1f} ms, PyTorch {r['torch_step_ms']:.1f} ms, "
-              f"JAX/PyTorch {r['jax_torch_ratio']:.2f}x", flush=True)
+        f32 = (f", JAX with float32 products {r['f32_step_ms']:.1f} ms "
+               f"({r['f32_torch_ratio']:.2f}x)" if "f32_step_ms" in r else "")
+        print(f"{name}: JAX ({r.get('matmul_dtype', '?')} products) {r['step_ms']:.1f} ms, "
+              f"PyTorch {r['torch_step_ms']:.1f} ms, JAX/PyTorch {r['jax_torch_ratio']:.2f}x"
+              f"{f32}", flush=True)
     return results
 
 

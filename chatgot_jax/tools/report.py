@@ -68,8 +68,13 @@ def grid_markdown(points: list[list[str]], results: list[dict], title: str) -> s
 
 def shapes_markdown(results: list[dict]) -> str:
     """bench --shapes: the JAX/PyTorch table (medians of the alternated steps)."""
-    lines = ["| shape | JAX ms/step | PyTorch ms/step | JAX/PyTorch (speed) |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['step_ms']:.1f} | {r['torch_step_ms']:.1f} "
-              f"| {r['jax_torch_ratio']:.2f}x |" for r in results]
+    lines = ["| shape | JAX products | JAX ms/step | PyTorch ms/step | JAX/PyTorch (speed) "
+             "| JAX, float32 products, ms/step | its JAX/PyTorch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        f32 = ((f"{r['f32_step_ms']:.1f}", f"{r['f32_torch_ratio']:.2f}x") if "f32_step_ms" in r
+               else ("(the same)", ""))
+        lines.append(f"| {r['shape']} | {r.get('matmul_dtype', '')} | {r['step_ms']:.1f} "
+                     f"| {r['torch_step_ms']:.1f} | {r['jax_torch_ratio']:.2f}x "
+                     f"| {f32[0]} | {f32[1]} |")
     return "\n".join(lines)
