@@ -63,8 +63,8 @@ class ModelConfig:
     # compute dtype: float32; bfloat16: operands rounded to bfloat16, products
     # accumulated and returned in float32, gradients too (model.bf16_product); auto:
     # bfloat16 on a CPU with AMX, where XLA runs those products ~4x faster than float32
-    # ones, float32 elsewhere (model.matmul_dtype resolves it). With a bfloat16 compute
-    # dtype the products are bfloat16 whatever this says.
+    # ones, float32 elsewhere and in KV-cache decoding (model.matmul_dtype resolves it).
+    # With a bfloat16 compute dtype the products are bfloat16 whatever this says.
     matmul_dtype: str = "auto"
     # auto: cudnn on a CUDA GPU when the compute dtype is bfloat16 and the head dim
     #   allows it (model.attention_impl), else einsum.

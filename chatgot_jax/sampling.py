@@ -14,6 +14,7 @@ new token costs one such re-prefill, like full recompute).
 """
 
 import collections
+import dataclasses
 import functools
 
 import jax
@@ -167,6 +168,10 @@ def generate_ids(params, model_cfg: ModelConfig, prompt_ids, *, max_new_tokens: 
     prompt_ids = np.asarray(prompt_ids, np.int32).reshape(-1)[-(S - 1):]
     if prompt_ids.size == 0:
         raise UserError("the prompt is empty: give at least one character")
+    if model_cfg.matmul_dtype == "auto":
+        # One row per sample each decoded token: float32 products decode faster than
+        # bfloat16 ones even on AMX (docs/performance.md), so auto means float32 here.
+        model_cfg = dataclasses.replace(model_cfg, matmul_dtype="float32")
     prefill, decode = _compiled(model_cfg, CHUNK)
     params = _unstack(params)  # one copy per call; each decoded token then reads it in place
     keys_B = jax.random.split(jax.random.key(seed), B)

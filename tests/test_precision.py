@@ -448,3 +448,19 @@ def test_bf16_matmul_without_ynnpack_products_is_a_user_error(monkeypatch):
     with pytest.raises(M.UserError, match="matmul_dtype=float32"):
         M.matmul_dtype(MIXED.model, "cpu")
     assert M.matmul_dtype(MIXED.model, "gpu") == "bfloat16"
+
+
+def test_decoding_takes_float32_products_for_auto(params, monkeypatch):
+    """KV-cache decoding reads auto as float32 even where training would take bfloat16
+    products (an AMX CPU): the same logits as float32's, bit for bit; bfloat16's differ."""
+    monkeypatch.setattr(M.cpu_tuning, "has_amx_bf16", lambda: True)
+    prompt = TOKENIZER.encode("ARYA: ")
+
+    def logits(cfg):
+        return sampling.generate_ids(params, cfg.model, prompt, max_new_tokens=8,
+                                     temperature=0.0, return_logits=True)[1]
+
+    auto = cfg_with("model.matmul_dtype=auto")
+    assert M.matmul_dtype(auto.model, "cpu") == "bfloat16"  # what training would take
+    np.testing.assert_array_equal(logits(auto), logits(F32))
+    assert np.max(np.abs(logits(MIXED) - logits(F32))) > 0
