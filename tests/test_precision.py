@@ -464,3 +464,15 @@ def test_decoding_takes_float32_products_for_auto(params, monkeypatch):
     assert M.matmul_dtype(auto.model, "cpu") == "bfloat16"  # what training would take
     np.testing.assert_array_equal(logits(auto), logits(F32))
     assert np.max(np.abs(logits(MIXED) - logits(F32))) > 0
+
+
+def test_bf16_products_under_vmap(params, batch):
+    """A sweep's vmapped runs batch the products over runs: the same gradients as each
+    run's own, to float32 rounding."""
+    half = jax.tree.map(lambda p: 0.5 * p, params)
+    both = jax.tree.map(lambda a, b: np.stack([a, b]), params, half)
+    vmapped = jax.jit(jax.vmap(lambda p: jax.grad(train_lib.loss_fn)(p, MIXED, *batch)))(both)
+    for i, p in enumerate((params, half)):
+        alone = grad_fn(MIXED)(p, MIXED, *batch)
+        cos, rel = cos_and_rel(flat(alone), flat(jax.tree.map(lambda g: g[i], vmapped)))
+        assert rel <= 1e-5, (i, cos, rel)
