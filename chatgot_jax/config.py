@@ -61,7 +61,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # one of COMPUTE_DTYPES (params stay float32)
     # The operands of the dense layers' products (one of MATMUL_DTYPES), with a float32
     # compute dtype: float32; bfloat16: operands rounded to bfloat16, products
-    # accumulated and returned in float32, gradients too (model.bf16_product); auto:
+    # accumulated and returned in float32, gradients too (model.bf16_dense); auto:
     # bfloat16 on a CPU with AMX, where XLA runs those products ~4x faster than float32
     # ones, float32 elsewhere and in KV-cache decoding (model.matmul_dtype resolves it).
     # With a bfloat16 compute dtype the products are bfloat16 whatever this says.

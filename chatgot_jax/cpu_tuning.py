@@ -28,7 +28,7 @@ def glibc_malloc_tunables() -> str:
     return f"glibc.malloc.arena_max={max(2, os.cpu_count() or 1)}:{GLIBC_MALLOC}"
 # YNNPACK for XLA:CPU's matrix products only: its other fusions are slower than XLA's own
 # emitters for this model, and XLA's own dot cannot take bfloat16 x bfloat16 -> float32
-# (model.bf16_product), which YNNPACK runs on AMX where the CPU has it.
+# (model.bf16_dense), which YNNPACK runs on AMX where the CPU has it.
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 

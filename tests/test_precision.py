@@ -383,23 +383,34 @@ def bf16_round(a):
     return np.asarray(jax.numpy.asarray(a, jax.numpy.bfloat16), np.float64)
 
 
-def test_bf16_product_and_its_gradients_are_products_of_rounded_operands():
-    """bf16_product's value and both gradients are float32-accumulated products of
+def test_bf16_dense_and_its_gradients_are_products_of_rounded_operands():
+    """bf16_dense's value and its three gradients are float32-accumulated products of
     bfloat16-rounded operands (the cotangent rounded too), against float64 references;
     the gradients come back in float32 without a second rounding."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 5, 48)).astype(np.float32)
     w = rng.standard_normal((48, 24)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
     g = rng.standard_normal((2, 5, 24)).astype(np.float32)
-    y, vjp = jax.vjp(M.bf16_product, x, w)
-    dx, dw = vjp(g)
+    y, vjp = jax.vjp(M.bf16_dense, x, w, b)
+    dx, dw, db = vjp(g)
     xr, wr, gr = bf16_round(x), bf16_round(w), bf16_round(g)
-    for got, want in ((y, xr @ wr), (dx, gr @ wr.T), (dw, np.einsum("btd,btf->df", xr, gr))):
+    for got, want in ((y, xr @ wr + b), (dx, gr @ wr.T), (dw, np.einsum("btd,btf->df", xr, gr)),
+                      (db, gr.sum(axis=(0, 1)))):
         assert got.dtype == np.float32
         assert_fp32_close(got, want)
     # Negative control: the float32 product of the unrounded operands is farther off
     # than float32 accumulation explains.
     assert np.max(np.abs(x.astype(np.float64) @ w - xr @ wr)) > 1e-2
+
+
+def test_bf16_dense_has_dense_params():
+    """The same parameter names, shapes and initial values as nn.Dense: a run's params
+    do not depend on where it started."""
+    mixed = M.init_params(MIXED.model, jax.random.key(0))
+    plain = M.init_params(F32.model, jax.random.key(0))
+    assert jax.tree.structure(mixed) == jax.tree.structure(plain)
+    jax.tree.map(np.testing.assert_array_equal, mixed, plain)
 
 
 def test_bf16_matmul_logits_and_gradients_match_fp32(params, batch, fp32_logits, fp32_grads):
