@@ -78,16 +78,14 @@ def matmul_dtype(cfg: ModelConfig, backend: str | None = None) -> str:
     if cfg.compute_dtype == "bfloat16":
         return "bfloat16"
     on_cpu = (backend or jax.default_backend()) == "cpu"
-    if cfg.matmul_dtype != "auto":
-        dtype = cfg.matmul_dtype
-    else:
-        amx = on_cpu and cpu_tuning.has_amx_bf16() and cpu_tuning.ynn_dots_enabled()
-        dtype = "bfloat16" if amx else "float32"
-    if dtype == "bfloat16" and on_cpu and not cpu_tuning.ynn_dots_enabled():
+    ynn = on_cpu and cpu_tuning.ynn_dots_enabled()
+    if cfg.matmul_dtype == "auto":
+        return "bfloat16" if ynn and cpu_tuning.has_amx_bf16() else "float32"
+    if cfg.matmul_dtype == "bfloat16" and on_cpu and not ynn:
         raise UserError("model.matmul_dtype=bfloat16 needs XLA:CPU's YNNPACK products, which "
                         "XLA_FLAGS turns off (xla_cpu_experimental_ynn_fusion_type): use "
                         "model.matmul_dtype=float32")
-    return dtype
+    return cfg.matmul_dtype
 
 
 @jax.custom_vjp

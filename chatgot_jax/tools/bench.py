@@ -218,7 +218,7 @@ def bench_shapes(steps: int, warmup: int, rounds: int, overrides) -> list[dict]:
         r = results[-1]
         f32 = (f", JAX with float32 products {r['f32_step_ms']:.1f} ms "
                f"({r['f32_torch_ratio']:.2f}x)" if "f32_step_ms" in r else "")
-        print(f"{name}: JAX ({r.get('matmul_dtype', '?')} products) {r['step_ms']:.1f} ms, "
+        print(f"{name}: JAX ({r['matmul_dtype']} products) {r['step_ms']:.1f} ms, "
               f"PyTorch {r['torch_step_ms']:.1f} ms, JAX/PyTorch {r['jax_torch_ratio']:.2f}x"
               f"{f32}", flush=True)
     return results

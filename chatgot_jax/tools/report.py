@@ -74,7 +74,7 @@ def shapes_markdown(results: list[dict]) -> str:
     for r in results:
         f32 = ((f"{r['f32_step_ms']:.1f}", f"{r['f32_torch_ratio']:.2f}x") if "f32_step_ms" in r
                else ("(the same)", ""))
-        lines.append(f"| {r['shape']} | {r.get('matmul_dtype', '')} | {r['step_ms']:.1f} "
+        lines.append(f"| {r['shape']} | {r['matmul_dtype']} | {r['step_ms']:.1f} "
                      f"| {r['torch_step_ms']:.1f} | {r['jax_torch_ratio']:.2f}x "
                      f"| {f32[0]} | {f32[1]} |")
     return "\n".join(lines)
