@@ -115,9 +115,30 @@ def ynn_dots_enabled(environ=os.environ) -> bool:
     return not values or "DOT" in values[-1].upper()
 
 
+ARCH_REQ_XCOMP_PERM = 0x1023  # arch_prctl: ask Linux for an extended state component
+_XFEATURE_XTILEDATA = 18  # AMX's tile data
+_NR_ARCH_PRCTL = 158  # x86-64
+
+
+@functools.cache
+def amx_tiles_permitted() -> bool:
+    """Whether Linux lets this process use AMX's tiles.
+
+    A process must ask for the tile state before its first AMX instruction; the
+    libraries that use AMX ask the same way and fall back to AVX-512 when refused
+    (a seccomp policy, an old kernel). Asking twice is harmless.
+    """
+    if not (sys.platform == "linux" and os.uname().machine == "x86_64"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_NR_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+
+
 def has_amx_bf16() -> bool:
-    """Intel AMX with bfloat16 tiles (Sapphire Rapids and later)."""
-    return "amx_bf16" in cpu_flags()
+    """Intel AMX with bfloat16 tiles (Sapphire Rapids and later), usable by this process:
+    without the OS's permission YNNPACK's bf16 products fall back to AVX-512 and run
+    slower than float32 ones (docs/performance.md)."""
+    return "amx_bf16" in cpu_flags() and amx_tiles_permitted()
 
 
 def sampling_compiler_options() -> dict:

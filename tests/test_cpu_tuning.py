@@ -83,3 +83,54 @@ def test_train_py_fills_the_compile_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     entries = list((tmp_path / "cache" / "chatgot-jax" / "jax").iterdir())
     assert entries, "no compiled program was cached"
+
+
+# Asks Linux for AMX's tile state (ARCH_REQ_XCOMP_PERM) and reads the permissions
+# (ARCH_GET_XCOMP_PERM) with raw syscalls; prints each errno, then has_amx_bf16().
+AMX_PROBE = ("import ctypes, errno; from chatgot_jax import cpu_tuning; "
+             "libc = ctypes.CDLL(None, use_errno=True); bits = ctypes.c_ulong(); "
+             "out = []\n"
+             "for args in ((0x1023, 18), (0x1022, ctypes.byref(bits))):\n"
+             "    ctypes.set_errno(0); r = libc.syscall(158, *args)\n"
+             "    out.append(errno.errorcode.get(ctypes.get_errno(), 'OK') if r else 'OK')\n"
+             "print(*out, cpu_tuning.has_amx_bf16())")
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"),
+                    reason="seccomp filter for x86-64 Linux")
+def test_without_amx_refuses_the_tile_state_and_nothing_else():
+    """tools.without_amx runs a command whose request for AMX's tiles fails with EPERM
+    (before the kernel sees it, AMX or not), other arch_prctl calls still reach the
+    kernel, and has_amx_bf16() then says no: auto takes float32 products there."""
+    cmd = [sys.executable, "-m", "chatgot_jax.tools.without_amx", sys.executable, "-c",
+           AMX_PROBE]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    request, get, amx = proc.stdout.split()
+    assert request == "EPERM"
+    assert get != "EPERM"
+    assert amx == "False"
+    plain = subprocess.run([sys.executable, "-c", AMX_PROBE], capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    request, _, amx = plain.stdout.split()
+    assert amx == str(request == "OK" and "amx_bf16" in cpu_tuning.cpu_flags())
+
+
+def test_without_amx_needs_a_command():
+    proc = subprocess.run([sys.executable, "-m", "chatgot_jax.tools.without_amx"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "COMMAND" in proc.stderr
+
+
+def test_amx_needs_the_flag_before_the_permission(monkeypatch):
+    """A CPU without amx_bf16 never asks the OS; one with it asks and obeys the answer."""
+    asked = []
+    monkeypatch.setattr(cpu_tuning, "amx_tiles_permitted", lambda: asked.append(1) or True)
+    monkeypatch.setattr(cpu_tuning, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert not cpu_tuning.has_amx_bf16() and not asked
+    monkeypatch.setattr(cpu_tuning, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    assert cpu_tuning.has_amx_bf16() and asked
+    monkeypatch.setattr(cpu_tuning, "amx_tiles_permitted", lambda: False)
+    assert not cpu_tuning.has_amx_bf16()
