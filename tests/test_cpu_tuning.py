@@ -117,11 +117,12 @@ def test_without_amx_refuses_the_tile_state_and_nothing_else():
     assert amx == str(request == "OK" and "amx_bf16" in cpu_tuning.cpu_flags())
 
 
-def test_without_amx_needs_a_command():
-    proc = subprocess.run([sys.executable, "-m", "chatgot_jax.tools.without_amx"],
+@pytest.mark.parametrize("args, words", [([], "COMMAND"), (["/nonexistent/cmd"], "nonexistent")])
+def test_without_amx_bad_command_is_one_line(args, words):
+    proc = subprocess.run([sys.executable, "-m", "chatgot_jax.tools.without_amx", *args],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "COMMAND" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr
 
 
 def test_amx_needs_the_flag_before_the_permission(monkeypatch):

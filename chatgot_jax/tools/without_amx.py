@@ -10,11 +10,12 @@ their AVX-512 kernels, so one AMX machine can time both kinds of CPU. The
 filter is inherited by every child and cannot be lifted. Linux x86-64 only.
 """
 
+import argparse
 import ctypes
 import os
 import sys
 
-from chatgot_jax import cpu_tuning
+from chatgot_jax import cli, cpu_tuning
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
@@ -60,16 +61,25 @@ def deny_amx() -> None:
         raise OSError(ctypes.get_errno(), "seccomp filter refused")
 
 
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="the command and its arguments (run with AMX's tiles refused)")
+    return p
+
+
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        raise SystemExit(2)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.command:
+        parser.error("give a COMMAND to run")
     try:
         deny_amx()
-        os.execvp(argv[0], argv)
+        os.execvp(args.command[0], args.command)
     except OSError as e:
-        print(f"error: without_amx: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"error: without_amx: {args.command[0]}: {e.strerror or e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
