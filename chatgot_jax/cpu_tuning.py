@@ -115,9 +115,13 @@ def ynn_dots_enabled(environ=os.environ) -> bool:
     return not values or "DOT" in values[-1].upper()
 
 
+NR_ARCH_PRCTL = 158  # the arch_prctl system call on x86-64
 ARCH_REQ_XCOMP_PERM = 0x1023  # arch_prctl: ask Linux for an extended state component
 _XFEATURE_XTILEDATA = 18  # AMX's tile data
-_NR_ARCH_PRCTL = 158  # x86-64
+
+
+def linux_x86_64() -> bool:
+    return sys.platform == "linux" and os.uname().machine == "x86_64"
 
 
 @functools.cache
@@ -128,10 +132,10 @@ def amx_tiles_permitted() -> bool:
     libraries that use AMX ask the same way and fall back to AVX-512 when refused
     (a seccomp policy, an old kernel). Asking twice is harmless.
     """
-    if not (sys.platform == "linux" and os.uname().machine == "x86_64"):
+    if not linux_x86_64():
         return False
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(_NR_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    return libc.syscall(NR_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
 
 
 def has_amx_bf16() -> bool:

@@ -96,8 +96,7 @@ AMX_PROBE = ("import ctypes, errno; from chatgot_jax import cpu_tuning; "
              "print(*out, cpu_tuning.has_amx_bf16())")
 
 
-@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"),
-                    reason="seccomp filter for x86-64 Linux")
+@pytest.mark.skipif(not cpu_tuning.linux_x86_64(), reason="seccomp filter for x86-64 Linux")
 def test_without_amx_refuses_the_tile_state_and_nothing_else():
     """tools.without_amx runs a command whose request for AMX's tiles fails with EPERM
     (before the kernel sees it, AMX or not), other arch_prctl calls still reach the

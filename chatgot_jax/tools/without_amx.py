@@ -23,7 +23,6 @@ _SECCOMP_MODE_FILTER = 2
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_ERRNO = 0x00050000
 _EPERM = 1
-_NR_ARCH_PRCTL = 158  # x86-64
 # Classic BPF opcodes: load a word at an absolute offset, jump if equal, return.
 _LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
 # Offsets in struct seccomp_data: nr (int), arch (u32), instruction_pointer (u64), args[6].
@@ -41,11 +40,11 @@ class _SockFprog(ctypes.Structure):
 
 def deny_amx() -> None:
     """Make this process's (and its children's) requests for AMX tile state fail."""
-    if not (sys.platform == "linux" and os.uname().machine == "x86_64"):
+    if not cpu_tuning.linux_x86_64():
         raise OSError("without_amx needs Linux on x86-64")
     program = [
         (_LD_W_ABS, 0, 0, _NR_OFFSET),
-        (_JEQ_K, 0, 3, _NR_ARCH_PRCTL),                # not arch_prctl: allow
+        (_JEQ_K, 0, 3, cpu_tuning.NR_ARCH_PRCTL),                # not arch_prctl: allow
         (_LD_W_ABS, 0, 0, _ARG0_OFFSET),
         (_JEQ_K, 0, 1, cpu_tuning.ARCH_REQ_XCOMP_PERM),
         (_RET_K, 0, 0, _SECCOMP_RET_ERRNO | _EPERM),
