@@ -17,15 +17,12 @@ import sys
 # auto (default): tcmalloc when installed, else glibc malloc tuned; glibc: the tuned glibc
 # malloc only; off: the process's allocator as it is.
 ALLOCATOR_SWITCH = "CHATGOT_JAX_ALLOCATOR"
-# No mmap'd chunks, no trimming, one arena per core: XLA's per-step buffers stay mapped
-# between steps. With the default arena count its worker threads' arenas still fault
-# their buffers in every step; with a single arena those threads contend for its lock.
-GLIBC_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
-
-
-def glibc_malloc_tunables() -> str:
-    """GLIBC_TUNABLES for XLA's allocation pattern (see GLIBC_MALLOC)."""
-    return f"glibc.malloc.arena_max={max(2, os.cpu_count() or 1)}:{GLIBC_MALLOC}"
+# One arena, no mmap'd chunks, no trimming: XLA's per-step buffers stay mapped between
+# steps. A thread on a second arena gets any block over 64 MiB (a heap's limit) by mmap
+# whatever mmap_max says, and gives it back at free: XLA's step temporaries at batch 16
+# were faulted in again every step that way.
+GLIBC_MALLOC = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                "glibc.malloc.trim_threshold=4294967295")
 # YNNPACK for XLA:CPU's matrix products only: its other fusions are slower than XLA's own
 # emitters for this model, and XLA's own dot cannot take bfloat16 x bfloat16 -> float32
 # (model.bf16_dense), which YNNPACK runs on AMX where the CPU has it.
@@ -82,7 +79,7 @@ def use_fast_allocator() -> None:
                    # XLA allocates > 1 GiB at once for the small model: no report for it.
                    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
     else:
-        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, glibc_malloc_tunables()])))
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, GLIBC_MALLOC])))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
