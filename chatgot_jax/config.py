@@ -92,7 +92,7 @@ class TrainConfig:
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # optimizer steps of linear warmup
-    max_steps: int = 1800  # optimizer steps
+    max_steps: int = 2500  # optimizer steps
     weight_decay: float = 0.01  # on the parameters train.decay names (see optim.py)
     decay: str = "matrices"  # one of DECAY_RULES
     beta1: float = 0.9

@@ -19,7 +19,7 @@ from chatgot_jax import cli, plot
 from chatgot_jax.errors import UserError
 
 THRESHOLDS = (1e-5, 1e-4, 1e-3, 1e-2)
-TABLE_STEPS = (1, 2, 5, 10, 50, 100, 200, 500, 1000, 1500, 1800, 3000, 5000)
+TABLE_STEPS = (1, 2, 5, 10, 50, 100, 200, 500, 1000, 1500, 1800, 2000, 2500, 3000, 5000)
 
 
 def losses(run_dir: pathlib.Path) -> tuple[dict[int, float], dict[int, float]]:
