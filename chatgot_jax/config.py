@@ -89,7 +89,7 @@ class TrainConfig:
 
     batch_size: int = 16  # global micro-batch, split over all devices
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
-    lr: float = 2e-3  # peak learning rate
+    lr: float = 1.4e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # optimizer steps of linear warmup
     max_steps: int = 2500  # optimizer steps

@@ -19,8 +19,8 @@ import sys
 ALLOCATOR_SWITCH = "CHATGOT_JAX_ALLOCATOR"
 # One arena, no mmap'd chunks, no trimming: XLA's per-step buffers stay mapped between
 # steps. A thread on a second arena gets any block over 64 MiB (a heap's limit) by mmap
-# whatever mmap_max says, and gives it back at free: XLA's step temporaries at batch 16
-# were faulted in again every step that way.
+# whatever mmap_max says, and gives it back at free, so XLA's step temporaries (over
+# 64 MiB at the default batch) would be faulted in again every step.
 GLIBC_MALLOC = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                 "glibc.malloc.trim_threshold=4294967295")
 # YNNPACK for XLA:CPU's matrix products only: its other fusions are slower than XLA's own

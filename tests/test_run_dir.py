@@ -90,10 +90,10 @@ def finished_copy(finished, tmp_path):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (["--lr", "3e-3"], "train.lr 0.002 -> 0.003"),
+    (["--lr", "3e-3"], "train.lr 0.0014 -> 0.003"),
     (["--seed", "7"], "train.seed 0 -> 7"),
     (["data"], "data "),
-    (["--lr", "3e-3", "model.dropout=0"], "model.dropout 0.1 -> 0.0; train.lr 0.002 -> 0.003"),
+    (["--lr", "3e-3", "model.dropout=0"], "model.dropout 0.1 -> 0.0; train.lr 0.0014 -> 0.003"),
 ])
 def test_other_training_settings_are_refused(finished_copy, corpus, tmp_path, capsys, change,
                                              expected):
@@ -125,13 +125,13 @@ def test_a_finished_run_has_nothing_to_do(finished_copy, corpus, capsys):
 def test_resume_with_changed_settings_keeps_a_history(finished_copy, corpus, capsys):
     out, _ = run_train(["--data", str(corpus), "--out", str(finished_copy), *ARGS, "--resume",
                         "--lr", "3e-3", "--max-steps", "3"], capsys)
-    assert "settings changed from step 2 on: train.lr 0.002 -> 0.003; train.max_steps 2 -> 3" \
+    assert "settings changed from step 2 on: train.lr 0.0014 -> 0.003; train.max_steps 2 -> 3" \
         in out
     history = [json.loads(line) for line in
                (finished_copy / "config-history.jsonl").read_text().splitlines()]
     assert [(h["step"], h["changes"]) for h in history] == [
-        (0, {}), (2, {"train.lr": [0.002, 0.003], "train.max_steps": [2, 3]})]
-    assert history[0]["config"]["train"]["lr"] == 0.002
+        (0, {}), (2, {"train.lr": [0.0014, 0.003], "train.max_steps": [2, 3]})]
+    assert history[0]["config"]["train"]["lr"] == 0.0014
     assert json.loads((finished_copy / "config.json").read_text())["train"]["lr"] == 0.003
     assert ckpt.existing_steps(finished_copy) == [2, 3]  # saved at the end of each start
 
