@@ -17,12 +17,17 @@ PROBE = ("from chatgot_jax.cpu_tuning import use_fast_allocator; use_fast_alloca
          "'glibc.malloc' in os.environ.get('GLIBC_TUNABLES', ''))")
 
 
-def probe(**env):
+def run_probe(code, **env):
+    """code's printed words, run with no allocator chosen beyond env."""
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**clean, **env}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
+
+
+def probe(**env):
+    return run_probe(PROBE, **env)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's dynamic loader")
@@ -63,11 +68,7 @@ print(*faults[1:])
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_tuned_glibc_keeps_a_large_block_mapped_between_steps():
     def faults(**env):
-        clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
-        proc = subprocess.run([sys.executable, "-c", REFAULT_PROBE], capture_output=True,
-                              text=True, env={**clean, **env}, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return [int(n) for n in proc.stdout.split()]
+        return [int(n) for n in run_probe(REFAULT_PROBE, **env)]
 
     pages = (80 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert max(faults(CHATGOT_JAX_ALLOCATOR="glibc")) < pages // 20
